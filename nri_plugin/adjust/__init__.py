@@ -1,0 +1,1 @@
+"""Layer 4: resolved request + host snapshot -> container adjustment (pure)."""

@@ -1,0 +1,47 @@
+"""The project's one error hierarchy.
+
+Rule: every message a user can see names the value at fault and what would fix it.
+
+``ContainerError`` and its subclasses fail exactly one container: the plugin turns them into an
+error status on that CreateContainer call, containerd reports the message to the CRI caller, and
+the daemon keeps serving. Anything else raised on the hot path is a bug; the stub still converts it
+into an error status for that one call rather than crashing.
+"""
+
+from __future__ import annotations
+
+
+class NriPluginError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ContainerError(NriPluginError):
+    """A problem with one container's request: fails that container only."""
+
+
+class RequestError(ContainerError):
+    """The container's GPU request is malformed or not allowed (the seed hook's panics)."""
+
+
+class RequirementError(ContainerError):
+    """An ``NVIDIA_REQUIRE_*`` expression is invalid or not met by the host."""
+
+
+class DeviceSelectionError(ContainerError):
+    """A requested device id does not name a device on this host."""
+
+
+class DriverNotFoundError(ContainerError):
+    """A GPU container was requested on a host without a usable NVIDIA driver."""
+
+
+class ConfigError(NriPluginError):
+    """Invalid daemon configuration (file, NRI config string or flags): a start-up error."""
+
+
+class HostDiscoveryError(NriPluginError):
+    """The host driver tree could not be read consistently."""
+
+
+class ProtocolError(NriPluginError):
+    """The peer violated the NRI/ttrpc/mux wire protocol; the connection is closed."""

@@ -1,0 +1,97 @@
+"""Value types describing what the host driver offers (layer 3).
+
+A ``DriverSnapshot`` is computed once at start-up (and again when the driver changes) and then only
+read on the CreateContainer hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+# Capability groups used to index libraries/binaries (reference nvidia-toolkit.md §1.1-§1.3).
+# Library groups: "utility", "compute", "video", "graphics", "graphics-glvnd", "ngx".
+# Binary groups: "utility", "compute".
+NVIDIA_MAJOR = 195  # the only fixed major; all others come from /proc/devices
+
+
+def _empty() -> Mapping[str, int]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class HostRoots:
+    """Where the host is read from. In production all are "/" (driver root may be /run/nvidia/driver)."""
+
+    driver_root: str = "/"  # libraries, binaries, ld.so.cache, firmware (toolkit: nvidia-container-cli.root)
+    dev_root: str = "/"  # device nodes: <dev_root>/dev/nvidia*
+    proc_root: str = "/proc"  # /proc/devices, /proc/driver/nvidia/..., /proc/driver/nvidia-caps/...
+    sys_root: str = "/sys"
+    run_root: str = "/"  # IPC sockets: <run_root>/run/nvidia-persistenced/socket, <run_root>/tmp/nvidia-mps
+
+
+@dataclass(frozen=True, slots=True)
+class MigDevice:
+    index: int  # index within the parent GPU (nvmlDeviceGetMigDeviceHandleByIndex order)
+    uuid: str  # as NVML reports it: "MIG-<uuid>" (or legacy "MIG-GPU-<uuid>/<gi>/<ci>")
+    gpu_instance_id: int
+    compute_instance_id: int
+    parent_index: int
+    parent_minor: int
+
+
+@dataclass(frozen=True, slots=True)
+class Gpu:
+    index: int  # NVML index
+    uuid: str  # "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+    minor: int  # /dev/nvidia<minor>
+    bus_id: str  # normalized "%08x:%02x:%02x.0", lower-case hex
+    model: str = ""
+    brand: str | None = None  # Quadro/Tesla/NVS/GRID/GeForce/TITAN/Unknown; None = unknown source
+    compute_capability: str | None = None  # "9.0"; None when not known (no NVML)
+    mig_enabled: bool = False
+    mig_devices: tuple[MigDevice, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceNode:
+    """A host character device node, ready to become an NRI LinuxDevice."""
+
+    path: str  # path in the container, e.g. "/dev/nvidia0" (same as on the host, relative to dev root)
+    host_path: str  # absolute host path (under the dev root)
+    type: str  # "c" or "b"
+    major: int
+    minor: int
+    file_mode: int  # permission bits only (st_mode & 0o7777), never S_IFCHR
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Library:
+    soname: str  # ld.so.cache key, e.g. "libcuda.so.1"
+    host_path: str  # absolute host path of the resolved real file (inside the driver root)
+    file_name: str  # basename of the resolved file, e.g. "libcuda.so.550.54.14"
+    is_32bit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DriverSnapshot:
+    roots: HostRoots
+    driver_version: str  # "550.54.14"
+    cuda_version: str | None  # driver-supported CUDA "12.4"; None without NVML
+    gpus: tuple[Gpu, ...]
+    source: str  # "nvml" or "proc"
+    char_majors: Mapping[str, int] = field(default_factory=_empty)  # /proc/devices name -> major
+    # /proc/driver/nvidia-caps/mig-minors: "config", "monitor", "gpu0/gi1/access", "gpu0/gi1/ci0/access" -> minor
+    mig_minors: Mapping[str, int] = field(default_factory=_empty)
+    libraries: Mapping[str, tuple[Library, ...]] = field(default_factory=dict)  # group -> 64-bit libs
+    libraries32: Mapping[str, tuple[Library, ...]] = field(default_factory=dict)  # group -> 32-bit libs
+    binaries: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # group -> host paths
+    persistenced_socket: str | None = None  # host path if present
+    fabricmanager_socket: str | None = None
+    mps_pipe_dir: str | None = None
+    firmware: tuple[str, ...] = ()  # host paths of gsp*.bin for this driver version
+    device_nodes: Mapping[str, DeviceNode] = field(default_factory=dict)  # container path -> node
+    missing: tuple[str, ...] = ()  # human-readable notes on what was looked for and not found

@@ -1,0 +1,1 @@
+"""Layer 2: the request model. Pure functions, no I/O."""

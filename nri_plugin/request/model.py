@@ -1,0 +1,63 @@
+"""Value types of the request model (layer 2).
+
+``GpuRequest`` mirrors the seed hook's ``nvidiaConfig`` field for field, with the seed's raw
+strings kept as they are (so the behaviour can be compared with the Go code exactly) and small
+derived accessors for the layers below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The seed's constants (reference/seed/container_config.go).
+ALL_DRIVER_CAPABILITIES = "compute,compat32,graphics,utility,video,display,ngx"
+DEFAULT_DRIVER_CAPABILITIES = "utility,compute"
+# The toolkit's default for `supported-driver-capabilities` (sorted, as its config file writes it).
+DEFAULT_SUPPORTED_DRIVER_CAPABILITIES = "compat32,compute,display,graphics,ngx,utility,video"
+DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT = "/var/run/nvidia-container-devices"
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """The part of an OCI/NRI mount the hook looks at."""
+
+    source: str
+    destination: str
+
+
+@dataclass(frozen=True, slots=True)
+class HookConfig:
+    """Toolkit ``config.toml`` keys that steer the request model (same names, same defaults)."""
+
+    # accept-nvidia-visible-devices-envvar-when-unprivileged
+    accept_envvar_unprivileged: bool = True
+    # accept-nvidia-visible-devices-as-volume-mounts
+    accept_volume_mounts: bool = False
+    # swarm-resource: comma-separated env var names preferred over NVIDIA_VISIBLE_DEVICES ("" = none)
+    swarm_resource: str = ""
+    # supported-driver-capabilities
+    supported_driver_capabilities: str = DEFAULT_SUPPORTED_DRIVER_CAPABILITIES
+    # disable-require: forces NVIDIA_DISABLE_REQUIRE=true
+    disable_require: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GpuRequest:
+    """The resolved GPU request of one container (the seed's ``nvidiaConfig``)."""
+
+    devices: str  # raw device list; "" means "GPU container without GPUs" (NVIDIA_VISIBLE_DEVICES=none)
+    mig_config_devices: str
+    mig_monitor_devices: str
+    driver_capabilities: str  # resolved comma list, e.g. "utility,compute"
+    requirements: tuple[str, ...]  # one entry per NVIDIA_REQUIRE_* value (+ legacy cuda>=X.Y), sorted
+    disable_require: bool
+
+    @property
+    def device_ids(self) -> tuple[str, ...]:
+        """Device ids as the CLI sees them: comma-split, trimmed, empty elements dropped."""
+        return tuple(p.strip() for p in self.devices.split(",") if p.strip())
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The set of requested driver capabilities."""
+        return frozenset(c.strip() for c in self.driver_capabilities.split(",") if c.strip())
