@@ -1,0 +1,117 @@
+"""The one composition of layers 2-4, used by the daemon's CreateContainer handler and by ``inspect``.
+
+``decide`` = fast "could this be a GPU container at all?" check -> ``resolve_request`` (the seed
+hook's rules) -> device selection -> requirement checks -> adjustment.
+
+Fast path: most containers on a node are not GPU containers. A container can only be one if its
+env has ``NVIDIA_VISIBLE_DEVICES``, one of the ``swarm-resource`` variables, or ``CUDA_VERSION``
+(legacy CUDA images default to ``all``), or, with ``accept-nvidia-visible-devices-as-volume-mounts``,
+a mount under ``/var/run/nvidia-container-devices``. If none is there, ``decide`` returns the shared
+``NO_GPU`` decision after one ``str.startswith`` per env entry, without building any map. (Unlike
+the seed hook, a malformed env entry of a non-GPU container is none of our business.)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nri_plugin.adjust.build import plan, select_for_request
+from nri_plugin.adjust.model import EMPTY_ADJUSTMENT, Adjustment
+from nri_plugin.adjust.select import Selection
+from nri_plugin.errors import DriverNotFoundError
+from nri_plugin.host.model import DriverSnapshot, Gpu
+from nri_plugin.request.model import DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT, GpuRequest, HookConfig, Mount
+from nri_plugin.request.requirements import HostFacts, check_requirements
+from nri_plugin.request.resolve import resolve_request
+
+_VOLUME_MOUNT_MARK = DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT.rsplit("/", 1)[-1]  # "nvidia-container-devices"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the plugin does for one container. ``request is None``: not a GPU container."""
+
+    request: GpuRequest | None
+    selection: Selection | None
+    adjustment: Adjustment
+
+
+NO_GPU = Decision(None, None, EMPTY_ADJUSTMENT)
+
+
+@functools.lru_cache(maxsize=16)
+def _trigger_prefixes(swarm_resource: str) -> tuple[str, ...]:
+    names = ["NVIDIA_VISIBLE_DEVICES", "CUDA_VERSION"]
+    names += [n.strip() for n in swarm_resource.split(",") if n.strip()]
+    return tuple(f"{name}=" for name in names)
+
+
+def may_request_gpus(env: Sequence[str], mounts: Sequence[Mount], config: HookConfig) -> bool:
+    """Cheap necessary condition for a GPU request (false -> certainly not a GPU container)."""
+    prefixes = _trigger_prefixes(config.swarm_resource)
+    for entry in env:
+        if entry.startswith(prefixes):
+            return True
+    if config.accept_volume_mounts:
+        for mount in mounts:
+            if _VOLUME_MOUNT_MARK in mount.destination:
+                return True
+    return False
+
+
+def decide(
+    env: Sequence[str],
+    mounts: Sequence[Mount],
+    privileged: bool,
+    config: HookConfig,
+    snapshot: DriverSnapshot | None,
+) -> Decision:
+    """Decide the adjustment for one container; raises a ``ContainerError`` to fail it."""
+    if not may_request_gpus(env, mounts, config):
+        return NO_GPU
+    request = resolve_request(env, mounts, privileged, config)
+    if request is None:
+        return NO_GPU
+    if snapshot is None:
+        shown = request.devices or "none"
+        raise DriverNotFoundError(
+            f"no NVIDIA driver was found on this host, but the container requests GPUs "
+            f"(NVIDIA_VISIBLE_DEVICES={shown!r}); install and load the NVIDIA driver (or set the "
+            "plugin's driver root, nvidia-container-cli.root, to where it is installed), "
+            "or schedule the container on a GPU node"
+        )
+    selection = select_for_request(request, snapshot)
+    if not request.disable_require:
+        check_selection_requirements(request.requirements, selection, snapshot)
+    return Decision(request, selection, plan(request, snapshot).adjustment)
+
+
+def _facts(snapshot: DriverSnapshot, gpu: Gpu | None) -> HostFacts:
+    return HostFacts(
+        cuda=snapshot.cuda_version,
+        driver=snapshot.driver_version,
+        arch=None if gpu is None else gpu.compute_capability,
+        brand=None if gpu is None else gpu.brand,
+    )
+
+
+def check_selection_requirements(
+    requirements: Sequence[str], selection: Selection, snapshot: DriverSnapshot
+) -> None:
+    """LNC: once per selected full GPU and once per selected MIG device (with its parent's facts),
+    or once without a device when nothing is selected. Identical facts are checked once."""
+    if not requirements:
+        return
+    devices: list[Gpu | None] = list(selection.gpus)
+    for mig in selection.mig_devices:
+        devices.extend(gpu for gpu in selection.gpus if gpu.index == mig.parent_index)
+    if not devices:
+        devices.append(None)
+    seen: list[HostFacts] = []
+    for device in devices:
+        facts = _facts(snapshot, device)
+        if facts not in seen:
+            seen.append(facts)
+            check_requirements(requirements, facts)
