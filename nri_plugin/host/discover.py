@@ -1,0 +1,496 @@
+"""Host driver discovery: read the host (below the configured roots) into a ``DriverSnapshot``.
+
+Runs at start-up and whenever the driver changes -- never on the CreateContainer hot path. It may take
+tens of milliseconds (plus the NVML child process); the snapshot it returns is then read in O(1).
+
+Rules follow libnvidia-container (reference nvidia-toolkit.md §1.2-§1.6, §2.5):
+
+* libraries come from the driver root's ``ld.so.cache``: ELF entries of the machine's architecture
+  whose key *starts with* one of the wanted names, resolved inside the driver root, kept only if the
+  resolved file name ends with the driver version; a later passing entry replaces an earlier one.
+  The ``libnvidia-tls`` ELF ABI-tag check (2.3.99) is not done: the version-suffix check already
+  pins the file to this driver, and the ABI tag only distinguished pre-2.3.99 glibc variants;
+* binaries are searched in the CLI's default PATH below the driver root;
+* device facts come from NVML (in a child process) when ``libnvidia-ml.so.1`` is in the cache and
+  loads, else from ``/proc/driver/nvidia/gpus/*/information``;
+* device nodes are stat'ed under the dev root and must be char devices with the expected numbers.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from nri_plugin.errors import HostDiscoveryError
+from nri_plugin.host.ldcache import LdCacheEntry, read_ldcache
+from nri_plugin.host.model import NVIDIA_MAJOR, DeviceNode, DriverSnapshot, Gpu, HostRoots, Library
+from nri_plugin.host.nvml import NvmlInfo, query_nvml
+from nri_plugin.host.paths import resolve_in_root
+from nri_plugin.host.procfs import (
+    parse_driver_version,
+    parse_key_values,
+    parse_mig_minors,
+    parse_proc_devices,
+    read_proc_gpus,
+    read_text,
+)
+
+# Library name prefixes per capability group (libnvidia-container nvc_info.c; reference §1.2).
+# The non-GLVND group (libGL.so, libEGL.so, ...) is deliberately not listed: it is only used with
+# the driver option "no-glvnd".
+LIBRARY_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "utility": ("libnvidia-ml.so", "libnvidia-cfg.so", "libnvidia-nscq.so"),
+        "compute": (
+            "libcuda.so",
+            "libcudadebugger.so",
+            "libnvidia-opencl.so",
+            "libnvidia-gpucomp.so",
+            "libnvidia-ptxjitcompiler.so",
+            "libnvidia-fatbinaryloader.so",
+            "libnvidia-allocator.so",
+            "libnvidia-compiler.so",
+            "libnvidia-pkcs11.so",
+            "libnvidia-pkcs11-openssl3.so",
+            "libnvidia-nvvm.so",
+            "libnvidia-tileiras.so",
+        ),
+        "video": ("libvdpau_nvidia.so", "libnvidia-encode.so", "libnvidia-opticalflow.so", "libnvcuvid.so"),
+        "graphics": (
+            "libnvidia-eglcore.so",
+            "libnvidia-glcore.so",
+            "libnvidia-tls.so",
+            "libnvidia-glsi.so",
+            "libnvidia-fbc.so",
+            "libnvidia-ifr.so",
+            "libnvidia-rtcore.so",
+            "libnvoptix.so",
+        ),
+        "graphics-glvnd": (
+            "libGLX_nvidia.so",
+            "libEGL_nvidia.so",
+            "libGLESv2_nvidia.so",
+            "libGLESv1_CM_nvidia.so",
+            "libnvidia-glvkspirv.so",
+            "libnvidia-cbl.so",
+        ),
+        "ngx": ("libnvidia-ngx.so",),
+    }
+)
+
+BINARY_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "utility": ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nv-fabricmanager"),
+        "compute": ("nvidia-cuda-mps-control", "nvidia-cuda-mps-server"),
+    }
+)
+
+BINARY_SEARCH_PATH: tuple[str, ...] = (
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+)
+
+PERSISTENCED_SOCKETS = ("/run/nvidia-persistenced/socket", "/var/run/nvidia-persistenced/socket")
+FABRICMANAGER_SOCKETS = ("/run/nvidia-fabricmanager/socket", "/var/run/nvidia-fabricmanager/socket")
+FIRMWARE_DIR = "/lib/firmware/nvidia"
+NVML_SONAME = "libnvidia-ml.so.1"
+
+# Device-node names in /proc/devices (before driver 550 the main one was "nvidia-frontend").
+DEFAULT_ROOTS = HostRoots()  # production: everything below "/"
+
+UVM_DEVICE = "nvidia-uvm"
+CAPS_DEVICE = "nvidia-caps"
+
+
+@dataclass(frozen=True, slots=True)
+class Arches:
+    """ld.so.cache architecture names for native (64-bit) libraries and for compat32 libraries."""
+
+    native: str
+    compat32: str | None
+
+
+def machine_arches(machine: str | None = None) -> Arches:
+    m = machine or platform.machine()
+    if m in ("x86_64", "amd64"):
+        return Arches("x86-64", "i386")
+    if m in ("aarch64", "arm64"):
+        return Arches("aarch64", None)
+    if m in ("ppc64le", "ppc64"):
+        return Arches("ppc64", None)
+    raise HostDiscoveryError(f"machine architecture {m!r} is not supported (x86_64, aarch64, ppc64le are)")
+
+
+@dataclass
+class _Notes:
+    items: list[str] = field(default_factory=list)
+
+    def add(self, text: str) -> None:
+        if text not in self.items:
+            self.items.append(text)
+
+
+# --------------------------------------------------------------------------------------- libraries
+
+
+def _driver_version_from_name(file_name: str, soname_prefix: str) -> str | None:
+    """``libcuda.so.550.54.14`` -> ``550.54.14`` (the toolkit infers the version this way)."""
+    prefix = soname_prefix + "."
+    if not file_name.startswith(prefix):
+        return None
+    rest = file_name[len(prefix) :]
+    parts = rest.split(".")
+    if len(parts) >= 2 and all(p.isdigit() for p in parts):
+        return rest
+    return None
+
+
+def select_libraries(
+    entries: Iterable[LdCacheEntry],
+    driver_root: str,
+    arch: str,
+    driver_version: str,
+    notes: _Notes | None = None,
+    *,
+    is_32bit: bool = False,
+) -> dict[str, tuple[Library, ...]]:
+    """Group -> libraries of ``arch`` from ``entries`` (see module doc for the rules)."""
+    wanted: list[tuple[str, str]] = []  # (group, prefix), each prefix once, group order kept
+    seen: set[str] = set()
+    for group, prefixes in LIBRARY_GROUPS.items():
+        for prefix in prefixes:
+            if prefix not in seen:
+                seen.add(prefix)
+                wanted.append((group, prefix))
+    chosen: dict[str, Library] = {}
+    for entry in entries:
+        if not entry.is_elf or entry.arch != arch:
+            continue
+        for _group, prefix in wanted:
+            if not entry.key.startswith(prefix):
+                continue
+            host_path = resolve_in_root(driver_root, entry.value)
+            previous = chosen.get(prefix)
+            if previous is not None and previous.host_path == host_path:
+                break
+            file_name = os.path.basename(host_path)
+            if file_name.endswith(driver_version) and os.path.isfile(host_path):
+                chosen[prefix] = Library(
+                    soname=entry.key, host_path=host_path, file_name=file_name, is_32bit=is_32bit
+                )
+            break
+    out: dict[str, tuple[Library, ...]] = {}
+    for group, prefix in wanted:
+        lib = chosen.get(prefix)
+        if lib is not None:
+            out[group] = (*out.get(group, ()), lib)
+        elif notes is not None:
+            bits = "32-bit " if is_32bit else ""
+            notes.add(f"missing {bits}library {prefix} (group {group}, driver {driver_version})")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ binaries
+
+
+def find_binaries(driver_root: str, notes: _Notes | None = None) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for group, names in BINARY_GROUPS.items():
+        found: list[str] = []
+        for name in names:
+            for directory in BINARY_SEARCH_PATH:
+                host_path = resolve_in_root(driver_root, f"{directory}/{name}")
+                try:
+                    st = os.stat(host_path)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+                    found.append(host_path)
+                    break
+            else:
+                if notes is not None:
+                    notes.add(f"missing binary {name} (group {group})")
+        if found:
+            out[group] = tuple(found)
+    return out
+
+
+# -------------------------------------------------------------------------------------- ipc/firmware
+
+
+def _first_socket(root: str, candidates: Iterable[str]) -> str | None:
+    for candidate in candidates:
+        host_path = resolve_in_root(root, candidate)
+        try:
+            if stat.S_ISSOCK(os.stat(host_path).st_mode):
+                return host_path
+        except OSError:
+            continue
+    return None
+
+
+def find_firmware(driver_root: str, driver_version: str) -> tuple[str, ...]:
+    directory = resolve_in_root(driver_root, f"{FIRMWARE_DIR}/{driver_version}")
+    out: list[str] = []
+    for candidate in sorted(glob.glob(os.path.join(glob.escape(directory), "gsp*.bin"))):
+        # Re-resolve inside the root: the glob result may itself be a symlink.
+        rel = os.path.relpath(candidate, os.path.abspath(driver_root))
+        host_path = resolve_in_root(driver_root, rel)
+        if os.path.isfile(host_path):
+            out.append(host_path)
+    return tuple(out)
+
+
+# -------------------------------------------------------------------------------------- device nodes
+
+
+def _device_node(
+    dev_root: str, path: str, major: int, minor: int, notes: _Notes, *, note_absent: bool = True
+) -> DeviceNode | None:
+    host_path = resolve_in_root(dev_root, path)
+    try:
+        st = os.stat(host_path)
+    except OSError:
+        if note_absent:
+            notes.add(f"missing device node {path} ({major}:{minor})")
+        return None
+    if not stat.S_ISCHR(st.st_mode):
+        notes.add(f"invalid device node {path}: not a character device (expected {major}:{minor})")
+        return None
+    if (os.major(st.st_rdev), os.minor(st.st_rdev)) != (major, minor):
+        notes.add(
+            f"invalid device node {path}: is {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}, "
+            f"expected {major}:{minor}"
+        )
+        return None
+    return DeviceNode(
+        path=path,
+        host_path=host_path,
+        type="c",
+        major=major,
+        minor=minor,
+        file_mode=st.st_mode & 0o7777,
+        uid=st.st_uid,
+        gid=st.st_gid,
+    )
+
+
+def find_device_nodes(
+    dev_root: str,
+    gpus: Iterable[Gpu],
+    char_majors: Mapping[str, int],
+    mig_minors: Mapping[str, int],
+    notes: _Notes,
+) -> dict[str, DeviceNode]:
+    wanted: list[tuple[str, int, int]] = [
+        ("/dev/nvidiactl", NVIDIA_MAJOR, 255),
+        ("/dev/nvidia-modeset", NVIDIA_MAJOR, 254),
+    ]
+    uvm = char_majors.get(UVM_DEVICE)
+    if uvm is not None:
+        wanted += [("/dev/nvidia-uvm", uvm, 0), ("/dev/nvidia-uvm-tools", uvm, 1)]
+    else:
+        notes.add(f"{UVM_DEVICE} is not in /proc/devices: /dev/nvidia-uvm(-tools) unavailable")
+    for gpu in gpus:
+        wanted.append((f"/dev/nvidia{gpu.minor}", NVIDIA_MAJOR, gpu.minor))
+    out: dict[str, DeviceNode] = {}
+    for path, major, minor in wanted:
+        node = _device_node(dev_root, path, major, minor, notes)
+        if node is not None:
+            out[path] = node
+    caps = char_majors.get(CAPS_DEVICE)
+    if mig_minors and caps is None:
+        notes.add(f"{CAPS_DEVICE} is not in /proc/devices: MIG capability nodes unavailable")
+    elif caps is not None:
+        # mig-minors lists every possible capability; the driver (nvidia-modprobe) creates the nodes on
+        # demand, so only config/monitor are noted one by one and the rest as a count.
+        by_minor = {minor: cap for cap, minor in mig_minors.items()}
+        absent = 0
+        for minor in sorted(by_minor):
+            path = f"/dev/nvidia-caps/nvidia-cap{minor}"
+            individually = by_minor[minor] in ("config", "monitor")
+            node = _device_node(dev_root, path, caps, minor, notes, note_absent=individually)
+            if node is not None:
+                out[path] = node
+            elif not individually and not os.path.lexists(resolve_in_root(dev_root, path)):
+                absent += 1
+        if absent:
+            notes.add(
+                f"{absent} MIG capability device nodes listed in mig-minors are absent under "
+                f"{resolve_in_root(dev_root, '/dev/nvidia-caps')} (nvidia-modprobe creates them on demand)"
+            )
+    return out
+
+
+# ------------------------------------------------------------------------------------------- discover
+
+
+def _read_ldcache_entries(roots: HostRoots, ldcache_path: str, notes: _Notes) -> list[LdCacheEntry]:
+    host_path = resolve_in_root(roots.driver_root, ldcache_path)
+    if not os.path.isfile(host_path):
+        notes.add(f"ld.so.cache {ldcache_path} not found under driver root {roots.driver_root}")
+        return []
+    return read_ldcache(host_path)
+
+
+def _lookup_soname(entries: Iterable[LdCacheEntry], soname: str, arch: str, driver_root: str) -> str | None:
+    found: str | None = None
+    for entry in entries:
+        if entry.is_elf and entry.arch == arch and entry.key == soname:
+            host_path = resolve_in_root(driver_root, entry.value)
+            if os.path.isfile(host_path):
+                found = host_path
+    return found
+
+
+def _proc_mig_minors(proc_root: str) -> dict[str, int]:
+    minors: dict[str, int] = {}
+    text = read_text(proc_root, "driver/nvidia-caps/mig-minors")
+    if text is not None:
+        minors.update(parse_mig_minors(text))
+    # The CLI reads the config/monitor minors from the capability files; fill gaps from them.
+    for cap in ("config", "monitor"):
+        if cap in minors:
+            continue
+        cap_text = read_text(proc_root, f"driver/nvidia/capabilities/mig/{cap}")
+        if cap_text is None:
+            continue
+        minor = parse_key_values(cap_text).get("DeviceFileMinor", "")
+        if minor.isdigit():
+            minors[cap] = int(minor)
+    return minors
+
+
+def _char_majors(proc_root: str) -> dict[str, int]:
+    text = read_text(proc_root, "devices")
+    majors = {k: v for k, v in parse_proc_devices(text or "").items() if k.startswith("nvidia")}
+    majors["nvidia"] = NVIDIA_MAJOR  # fixed; "nvidia-frontend" before 550
+    return majors
+
+
+def explain_no_driver(roots: HostRoots = DEFAULT_ROOTS, *, ldcache_path: str = "/etc/ld.so.cache") -> str:
+    """Why :func:`discover` found no driver, in words for a DriverNotFoundError."""
+    return (
+        f"no NVIDIA driver found: {resolve_in_root(roots.proc_root, 'driver/nvidia/version')} does not "
+        f"exist and neither {NVML_SONAME} nor libcuda.so.1 is in the ld.so.cache "
+        f"{resolve_in_root(roots.driver_root, ldcache_path)}; install the NVIDIA driver and load its kernel "
+        f"module, or set the driver root (now {roots.driver_root!r}) to where the driver is installed "
+        "(e.g. /run/nvidia/driver for the GPU operator)"
+    )
+
+
+def discover(
+    roots: HostRoots = DEFAULT_ROOTS,
+    *,
+    ldcache_path: str = "/etc/ld.so.cache",
+    use_nvml: bool = True,
+    mps_pipe_dir: str = "/tmp/nvidia-mps",
+    nvml_timeout: float = 20.0,
+    nvml_query: Callable[[str], NvmlInfo] | None = None,
+    machine: str | None = None,
+) -> DriverSnapshot | None:
+    """Read the host driver below ``roots``; ``None`` when there is no NVIDIA driver at all.
+
+    ``nvml_query`` replaces the NVML child process (tests); ``machine`` overrides ``uname -m``.
+    Raises :class:`HostDiscoveryError` when the tree is unreadable or inconsistent.
+    """
+    notes = _Notes()
+    arches = machine_arches(machine)
+    entries = _read_ldcache_entries(roots, ldcache_path, notes)
+    nvml_lib = _lookup_soname(entries, NVML_SONAME, arches.native, roots.driver_root)
+    cuda_lib = _lookup_soname(entries, "libcuda.so.1", arches.native, roots.driver_root)
+    version_text = read_text(roots.proc_root, "driver/nvidia/version")
+    if nvml_lib is None and cuda_lib is None and version_text is None:
+        return None
+
+    info: NvmlInfo | None = None
+    if use_nvml and nvml_lib is not None:
+        try:
+            if nvml_query is not None:
+                info = nvml_query(nvml_lib)
+            else:
+                info = query_nvml(nvml_lib, timeout=nvml_timeout)
+        except HostDiscoveryError as exc:
+            notes.add(f"NVML unavailable, using /proc/driver/nvidia instead: {exc}")
+    elif use_nvml:
+        notes.add(f"{NVML_SONAME} not in the ld.so.cache: using /proc/driver/nvidia for device facts")
+
+    if info is not None:
+        driver_version = info.driver_version
+        gpus = info.gpus
+        source = "nvml"
+        cuda_version = info.cuda_version
+    else:
+        fallback = _fallback_driver_version(nvml_lib, cuda_lib, version_text)
+        if fallback is None:
+            raise HostDiscoveryError(
+                "cannot determine the NVIDIA driver version: no libcuda.so.<version> / "
+                f"libnvidia-ml.so.<version> under driver root {roots.driver_root!r} and "
+                f"{resolve_in_root(roots.proc_root, 'driver/nvidia/version')} is unreadable; reinstall "
+                "the driver or fix the driver root"
+            )
+        driver_version = fallback
+        source = "proc"
+        cuda_version = None
+        gpus = tuple(
+            Gpu(index=i, uuid=g.uuid, minor=g.minor, bus_id=g.bus_id, model=g.model)
+            for i, g in enumerate(read_proc_gpus(roots.proc_root))
+        )
+
+    char_majors = _char_majors(roots.proc_root)
+    mig_minors = _proc_mig_minors(roots.proc_root)
+    libraries = select_libraries(entries, roots.driver_root, arches.native, driver_version, notes)
+    libraries32: dict[str, tuple[Library, ...]] = {}
+    if arches.compat32 is not None:
+        libraries32 = select_libraries(
+            entries, roots.driver_root, arches.compat32, driver_version, None, is_32bit=True
+        )
+    binaries = find_binaries(roots.driver_root, notes)
+    persistenced = _first_socket(roots.run_root, PERSISTENCED_SOCKETS)
+    if persistenced is None:
+        notes.add("missing ipc path /run/nvidia-persistenced/socket")
+    fabricmanager = _first_socket(roots.run_root, FABRICMANAGER_SOCKETS)
+    mps_host = resolve_in_root(roots.run_root, mps_pipe_dir)
+    mps = mps_host if os.path.isdir(mps_host) else None
+    firmware = find_firmware(roots.driver_root, driver_version)
+    nodes = find_device_nodes(roots.dev_root, gpus, char_majors, mig_minors, notes)
+    return DriverSnapshot(
+        roots=roots,
+        driver_version=driver_version,
+        cuda_version=cuda_version,
+        gpus=gpus,
+        source=source,
+        char_majors=MappingProxyType(char_majors),
+        mig_minors=MappingProxyType(mig_minors),
+        libraries=MappingProxyType(libraries),
+        libraries32=MappingProxyType(libraries32),
+        binaries=MappingProxyType(binaries),
+        persistenced_socket=persistenced,
+        fabricmanager_socket=fabricmanager,
+        mps_pipe_dir=mps,
+        firmware=firmware,
+        device_nodes=MappingProxyType(nodes),
+        missing=tuple(notes.items),
+    )
+
+
+def _fallback_driver_version(
+    nvml_lib: str | None, cuda_lib: str | None, version_text: str | None
+) -> str | None:
+    for host_path, prefix in ((cuda_lib, "libcuda.so"), (nvml_lib, "libnvidia-ml.so")):
+        if host_path is not None:
+            version = _driver_version_from_name(os.path.basename(host_path), prefix)
+            if version is not None:
+                return version
+    if version_text is not None:
+        return parse_driver_version(version_text)
+    return None

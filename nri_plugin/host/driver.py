@@ -1,0 +1,132 @@
+"""The cached host driver: one snapshot, read in O(1) on the hot path, refreshed off it.
+
+``HostDriver.watch()`` polls a cheap fingerprint (stat of the driver version file and ld.so.cache,
+the GPU directories in procfs, the ``/dev/nvidia*`` nodes) and re-runs discovery in a worker thread
+only when it changes. A failed refresh keeps the previous snapshot and records ``last_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from nri_plugin.errors import HostDiscoveryError
+from nri_plugin.host.discover import DEFAULT_ROOTS, discover, explain_no_driver
+from nri_plugin.host.model import DriverSnapshot, HostRoots
+from nri_plugin.host.paths import resolve_in_root
+
+log = logging.getLogger(__name__)
+
+Fingerprint = tuple[tuple[str, tuple[int, ...] | None], ...]
+
+
+def _stat_key(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_rdev, st.st_mode)
+
+
+def _listing(path: str, prefix: str = "") -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(path) if n.startswith(prefix))
+    except OSError:
+        return []
+
+
+def fingerprint(roots: HostRoots, ldcache_path: str = "/etc/ld.so.cache") -> Fingerprint:
+    """A value that changes when the driver is installed, upgraded, loaded or unloaded."""
+    items: list[tuple[str, tuple[int, ...] | None]] = []
+    version = resolve_in_root(roots.proc_root, "driver/nvidia/version")
+    items.append((version, _stat_key(version)))
+    ldcache = resolve_in_root(roots.driver_root, ldcache_path)
+    items.append((ldcache, _stat_key(ldcache)))
+    gpus_dir = resolve_in_root(roots.proc_root, "driver/nvidia/gpus")
+    for name in _listing(gpus_dir):
+        items.append((os.path.join(gpus_dir, name), None))
+    dev = resolve_in_root(roots.dev_root, "/dev")
+    for name in _listing(dev, "nvidia"):
+        path = os.path.join(dev, name)
+        items.append((path, _stat_key(path)))
+    caps = os.path.join(dev, "nvidia-caps")
+    for name in _listing(caps):
+        path = os.path.join(caps, name)
+        items.append((path, _stat_key(path)))
+    return tuple(items)
+
+
+class HostDriver:
+    """Holds the current :class:`DriverSnapshot` (or ``None`` when the host has no driver)."""
+
+    def __init__(
+        self,
+        roots: HostRoots = DEFAULT_ROOTS,
+        *,
+        discover_fn: Callable[..., DriverSnapshot | None] = discover,
+        **discover_kwargs: Any,
+    ) -> None:
+        self.roots = roots
+        self._discover_fn = discover_fn
+        self._kwargs = discover_kwargs
+        self._ldcache_path: str = discover_kwargs.get("ldcache_path", "/etc/ld.so.cache")
+        self._snapshot: DriverSnapshot | None = None
+        self._fingerprint: Fingerprint | None = None
+        self._lock = threading.Lock()
+        self.last_error: str | None = None
+        self.no_driver_reason: str | None = None
+        self.refreshes = 0
+
+    def snapshot(self) -> DriverSnapshot | None:
+        """The current snapshot; O(1), safe from any thread."""
+        return self._snapshot
+
+    def changed(self) -> bool:
+        """True if the host looks different from when the current snapshot was taken."""
+        return fingerprint(self.roots, self._ldcache_path) != self._fingerprint
+
+    def refresh(self) -> bool:
+        """Re-discover now; True if the snapshot differs from the previous one.
+
+        On failure the previous snapshot stays in place and ``last_error`` says why.
+        """
+        with self._lock:
+            before = fingerprint(self.roots, self._ldcache_path)
+            try:
+                new = self._discover_fn(self.roots, **self._kwargs)
+            except (HostDiscoveryError, OSError) as exc:
+                self.last_error = f"host driver discovery failed (keeping the previous state): {exc}"
+                log.warning("%s", self.last_error)
+                self._fingerprint = before
+                return False
+            self.refreshes += 1
+            self.last_error = None
+            self.no_driver_reason = (
+                None if new is not None else explain_no_driver(self.roots, ldcache_path=self._ldcache_path)
+            )
+            self._fingerprint = before
+            old = self._snapshot
+            self._snapshot = new
+            return old != new
+
+    async def watch(self, interval: float = 10.0) -> None:
+        """Poll :meth:`changed` every ``interval`` seconds; refresh in a thread when it is True."""
+        while True:
+            try:
+                stale = self._fingerprint is None or self.changed()
+                if stale and await asyncio.to_thread(self.refresh):
+                    log.info("host driver changed: %s", _summary(self._snapshot))
+            except Exception as exc:  # the watcher must survive anything a weird host throws at it
+                self.last_error = f"host driver watch failed: {exc!r}"
+                log.exception("host driver watch failed")
+            await asyncio.sleep(interval)
+
+
+def _summary(snap: DriverSnapshot | None) -> str:
+    if snap is None:
+        return "no NVIDIA driver"
+    return f"driver={snap.driver_version} gpus={len(snap.gpus)} source={snap.source}"
