@@ -84,7 +84,8 @@ class DriverSnapshot:
     gpus: tuple[Gpu, ...]
     source: str  # "nvml" or "proc"
     char_majors: Mapping[str, int] = field(default_factory=_empty)  # /proc/devices name -> major
-    # /proc/driver/nvidia-caps/mig-minors: "config", "monitor", "gpu0/gi1/access", "gpu0/gi1/ci0/access" -> minor
+    # /proc/driver/nvidia-caps/mig-minors:
+    # "config", "monitor", "gpu0/gi1/access", "gpu0/gi1/ci0/access" -> minor
     mig_minors: Mapping[str, int] = field(default_factory=_empty)
     libraries: Mapping[str, tuple[Library, ...]] = field(default_factory=dict)  # group -> 64-bit libs
     libraries32: Mapping[str, tuple[Library, ...]] = field(default_factory=dict)  # group -> 32-bit libs
