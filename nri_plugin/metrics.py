@@ -1,0 +1,193 @@
+"""Prometheus metrics (only when ``metrics-address`` is set) and a no-op twin with the same interface.
+
+``prometheus_client`` and ``psutil`` are imported lazily so that a plugin without metrics does not
+pay their import time before registering. Each ``PrometheusMetrics`` owns its registry (no global
+state); values owned by other objects (stub counters, the driver snapshot, process usage) are read
+on scrape by a custom collector.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from nri_plugin.config import parse_address
+from nri_plugin.host.model import DriverSnapshot
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
+CREATE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class StubCounts:
+    registrations: int = 0
+    reconnects: int = 0
+
+
+class Metrics(Protocol):
+    def adjusted(self, seconds: float) -> None: ...
+    def failed(self, reason: str, seconds: float) -> None: ...
+    def skipped(self, seconds: float) -> None: ...
+    def close(self) -> None: ...
+
+    @property
+    def address(self) -> str: ...
+
+
+class NullMetrics:
+    """Metrics disabled: every call is free."""
+
+    address = ""
+
+    def adjusted(self, seconds: float) -> None:
+        pass
+
+    def failed(self, reason: str, seconds: float) -> None:
+        pass
+
+    def skipped(self, seconds: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _StateCollector:
+    """Collected on each scrape: stub counters, driver snapshot, process resource usage."""
+
+    def __init__(
+        self, stub_counts: Callable[[], StubCounts], snapshot: Callable[[], DriverSnapshot | None]
+    ) -> None:
+        self._stub_counts = stub_counts
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        counts = self._stub_counts()
+        yield CounterMetricFamily(
+            "nri_gpu_plugin_registrations", "Successful NRI registrations", value=counts.registrations
+        )
+        yield CounterMetricFamily(
+            "nri_gpu_plugin_reconnects", "Reconnects to the NRI socket", value=counts.reconnects
+        )
+        snap = self._snapshot()
+        yield GaugeMetricFamily(
+            "nri_gpu_driver_available",
+            "1 when the host driver was discovered",
+            value=0 if snap is None else 1,
+        )
+        yield GaugeMetricFamily(
+            "nri_gpu_driver_gpus",
+            "GPUs in the current driver snapshot",
+            value=0 if snap is None else len(snap.gpus),
+        )
+        yield GaugeMetricFamily(
+            "nri_gpu_driver_mig_devices",
+            "MIG devices in the current driver snapshot",
+            value=0 if snap is None else sum(len(g.mig_devices) for g in snap.gpus),
+        )
+        info = GaugeMetricFamily(
+            "nri_gpu_driver_info",
+            "The driver the snapshot describes (always 1)",
+            labels=["driver_version", "cuda_version", "source"],
+        )
+        if snap is not None:
+            info.add_metric([snap.driver_version, snap.cuda_version or "", snap.source], 1)
+        yield info
+        try:
+            psutil = importlib.import_module("psutil")  # untyped; imported on first scrape
+            proc = psutil.Process()
+            rss = proc.memory_info().rss
+            cpu = proc.cpu_times()
+        except Exception:  # psutil missing or /proc unreadable: skip process metrics, keep the rest
+            return
+        yield GaugeMetricFamily(
+            "nri_gpu_plugin_resident_memory_bytes", "Resident set size of the plugin", value=rss
+        )
+        yield CounterMetricFamily(
+            "nri_gpu_plugin_cpu_seconds", "User+system CPU time of the plugin", value=cpu.user + cpu.system
+        )
+
+
+class PrometheusMetrics:
+    """Counters/histogram updated on the hot path, served over HTTP at ``address``."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        stub_counts: Callable[[], StubCounts] = StubCounts,
+        snapshot: Callable[[], DriverSnapshot | None] = lambda: None,
+    ) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        host, port = parse_address(address)
+        self.registry: CollectorRegistry = CollectorRegistry(auto_describe=True)
+        self._adjusted = Counter(
+            "nri_gpu_containers_adjusted", "GPU containers given an adjustment", registry=self.registry
+        )
+        self._failed = Counter(
+            "nri_gpu_containers_failed",
+            "GPU containers whose creation was failed",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._skipped = Counter(
+            "nri_gpu_containers_skipped", "Containers that asked for no GPU", registry=self.registry
+        )
+        self._seconds = Histogram(
+            "nri_gpu_create_container_seconds",
+            "CreateContainer handling time",
+            buckets=CREATE_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(stub_counts, snapshot))
+        self._server: Any = None
+        self._thread: Any = None
+        self._host, self._port = host, port
+        self.address = address
+
+    def start(self) -> tuple[str, int]:
+        """Start serving; returns the bound (host, port) (port 0 picks a free one)."""
+        from prometheus_client import start_http_server
+
+        self._server, self._thread = start_http_server(self._port, self._host, registry=self.registry)
+        bound = self._server.server_address
+        return str(bound[0]), int(bound[1])
+
+    def adjusted(self, seconds: float) -> None:
+        self._adjusted.inc()
+        self._seconds.observe(seconds)
+
+    def failed(self, reason: str, seconds: float) -> None:
+        self._failed.labels(reason=reason).inc()
+        self._seconds.observe(seconds)
+
+    def skipped(self, seconds: float) -> None:
+        self._skipped.inc()
+        self._seconds.observe(seconds)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def create(
+    address: str,
+    *,
+    stub_counts: Callable[[], StubCounts] = StubCounts,
+    snapshot: Callable[[], DriverSnapshot | None] = lambda: None,
+) -> Metrics:
+    """A started ``PrometheusMetrics`` for a non-empty address, else ``NullMetrics``."""
+    if not address:
+        return NullMetrics()
+    m = PrometheusMetrics(address, stub_counts=stub_counts, snapshot=snapshot)
+    m.start()
+    return m

@@ -1,0 +1,321 @@
+"""The glue between the NRI stub (layer 1) and the GPU logic (layers 2-4).
+
+``GpuPlugin.create_container`` is the hot path: NRI ``Container`` -> the hook's inputs -> the
+decision over the cached host driver snapshot -> the protobuf adjustment. Nothing on this path reads
+the host or logs at info level for containers that ask for no GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nri_plugin import config as cfg
+from nri_plugin import logs
+from nri_plugin import metrics as metrics_mod
+from nri_plugin.adjust.pipeline import decide
+from nri_plugin.adjust.proto import to_proto
+from nri_plugin.adjust.select import EMPTY_SELECTION
+from nri_plugin.config import Layer, Settings
+from nri_plugin.errors import ConfigError, ContainerError
+from nri_plugin.host.driver import HostDriver
+from nri_plugin.notify import Notifier
+from nri_plugin.request.nri import request_inputs
+from nri_plugin.wire._gen import api_pb2 as api
+from nri_plugin.wire.stub import Plugin
+
+
+class InternalError(ContainerError):
+    """A bug on the CreateContainer path: fails that container, never the daemon."""
+
+
+def make_driver(settings: Settings) -> HostDriver:
+    """A HostDriver for ``settings`` (no discovery yet)."""
+    return HostDriver(settings.roots, **discover_kwargs(settings))
+
+
+def discover_kwargs(settings: Settings) -> dict[str, Any]:
+    return {
+        "ldcache_path": settings.ldcache_path,
+        "use_nvml": settings.use_nvml,
+        "mps_pipe_dir": settings.mps_pipe_dir,
+    }
+
+
+def make_sink(settings: Settings, launched: bool) -> logs.Sink:
+    if launched:
+        return logs.launched_sink(settings.log_file, settings.log_format)
+    return logs.default_sink(settings.log_file, settings.log_format)
+
+
+class GpuPlugin(Plugin):
+    """Answers CreateContainer with the GPU adjustment; everything else is left to the runtime."""
+
+    def __init__(
+        self,
+        *,
+        file_layer: Layer,
+        flag_layer: Layer,
+        logger: logs.Logger,
+        driver: HostDriver | None = None,
+        metrics: metrics_mod.Metrics | None = None,
+        notifier: Notifier | None = None,
+        launched: bool = False,
+        driver_factory: Callable[[Settings], HostDriver] = make_driver,
+        stub_counts: Callable[[], metrics_mod.StubCounts] = metrics_mod.StubCounts,
+    ) -> None:
+        super().__init__()
+        self._file_layer = file_layer
+        self._flag_layer = flag_layer
+        self.settings = cfg.build(file_layer, flag_layer)
+        self.log = logger
+        self.launched = launched
+        self._driver_factory = driver_factory
+        self.driver = driver if driver is not None else driver_factory(self.settings)
+        self.metrics: metrics_mod.Metrics = metrics if metrics is not None else metrics_mod.NullMetrics()
+        self.notifier = notifier if notifier is not None else Notifier({})
+        self._stub_counts = stub_counts
+        self._watch_task: asyncio.Task[None] | None = None
+        self.runtime = ""
+
+    # -- lifecycle (called by cli.run) ---------------------------------------------------------
+
+    async def discover(self, budget: float | None = None) -> None:
+        """Initial discovery, in a worker thread. A failure is logged; only GPU containers will fail.
+
+        ``budget`` (seconds) bounds the wait for a runtime-launched plugin, whose registration timer
+        is already running: past it we register anyway and the discovery finishes in the background.
+        """
+        t0 = time.perf_counter()
+        task = asyncio.ensure_future(asyncio.to_thread(self.driver.refresh))
+
+        def report(_: object = None) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                assert exc is not None
+                self.log.exception("host driver discovery failed", exc)
+            self._log_snapshot("host driver discovered", (time.perf_counter() - t0) * 1000)
+
+        try:
+            await (task if budget is None else asyncio.wait_for(asyncio.shield(task), budget))
+        except TimeoutError:
+            self.log.warning(
+                "host driver discovery is still running; registering anyway, GPU containers "
+                "fail until it completes",
+                budget_s=budget,
+            )
+            task.add_done_callback(report)
+            return
+        except Exception:
+            pass  # reported below
+        report()
+
+    def _log_snapshot(self, msg: str, ms: float) -> None:
+        snap = self.driver.snapshot()
+        if snap is None:
+            self.log.warning(
+                "no usable NVIDIA driver: GPU containers will fail until one is found",
+                error=self.driver.last_error or self.driver.no_driver_reason or "",
+                ms=round(ms, 1),
+            )
+            return
+        self.log.info(
+            msg,
+            driver_version=snap.driver_version,
+            cuda_version=snap.cuda_version or "",
+            source=snap.source,
+            gpus=[g.uuid for g in snap.gpus],
+            mig_devices=sum(len(g.mig_devices) for g in snap.gpus),
+            missing=len(snap.missing),
+            ms=round(ms, 1),
+        )
+        for note in snap.missing:
+            self.log.debug("host driver: not found", note=note)
+
+    def start_background(self) -> None:
+        """Start the driver watch and (if configured) the metrics endpoint; needs a running loop."""
+        self._start_watch()
+        self._ensure_metrics()
+
+    def _start_watch(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        self._watch_task = asyncio.get_running_loop().create_task(
+            self.driver.watch(self.settings.refresh_interval), name="driver-watch"
+        )
+
+    def _ensure_metrics(self) -> None:
+        address = self.settings.metrics_address
+        if self.metrics.address == address:
+            return
+        self.metrics.close()
+        self.metrics = metrics_mod.NullMetrics()
+        if not address:
+            return
+        try:
+            self.metrics = metrics_mod.create(
+                address, stub_counts=self._stub_counts, snapshot=lambda: self.driver.snapshot()
+            )
+        except (OSError, ValueError) as e:
+            self.log.error(
+                "metrics endpoint not started; fix nri-plugin.metrics-address",
+                metrics_address=address,
+                error=str(e),
+            )
+            return
+        self.log.info("metrics endpoint listening", metrics_address=address)
+
+    async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+            self._watch_task = None
+        self.metrics.close()
+
+    # -- NRI handlers --------------------------------------------------------------------------
+
+    async def configure(self, config: str, runtime_name: str, runtime_version: str) -> None:
+        self.runtime = f"{runtime_name} {runtime_version}".strip()
+        try:
+            nri_layer = cfg.parse_toml(config, "NRI config") if config.strip() else Layer("NRI config")
+            new = cfg.build(self._file_layer, nri_layer, self._flag_layer)
+        except ConfigError as e:
+            # The runtime drops the plugin (and kills a launched one): say so where it will be seen.
+            self.log.error(
+                "NRI config rejected; the runtime will drop this plugin", error=str(e), runtime=self.runtime
+            )
+            raise
+        for layer in (self._file_layer, nri_layer):
+            if layer.ignored:
+                self.log.debug(
+                    "ignoring toolkit keys this plugin does not use",
+                    source=layer.source,
+                    keys=list(layer.ignored),
+                )
+        await self.apply(new)
+        self.log.info(
+            "configured",
+            runtime=self.runtime,
+            config_bytes=len(config),
+            settings_from=cfg.provenance(self._file_layer, nri_layer, self._flag_layer),
+        )
+
+    async def apply(self, new: Settings) -> None:
+        """Switch to new settings, rebuilding only what changed."""
+        old, self.settings = self.settings, new
+        if (old.log_file, old.log_format) != (new.log_file, new.log_format):
+            self.log.reconfigure(sink=make_sink(new, self.launched))
+        if old.log_level != new.log_level:
+            self.log.reconfigure(level=logs.parse_level(new.log_level))
+            logs.sync_bridge_level(self.log)
+        for attr in ("plugin_name", "plugin_index", "socket_path"):
+            if getattr(old, attr) != getattr(new, attr):
+                self.log.warning(
+                    "setting takes effect at the next start only",
+                    setting=attr,
+                    running=getattr(old, attr),
+                    configured=getattr(new, attr),
+                )
+        if old.discovery_key() != new.discovery_key():
+            self.driver = self._driver_factory(new)
+            self.log.info("driver settings changed; rediscovering", roots=str(new.roots))
+            await self.discover(budget=1.5)  # Configure must answer within the runtime's 2 s
+            if self._watch_task is not None:
+                self._start_watch()
+        elif old.refresh_interval != new.refresh_interval and self._watch_task is not None:
+            self._start_watch()
+        if self._watch_task is not None or self.metrics.address:
+            self._ensure_metrics()
+
+    async def create_container(
+        self, pod: api.PodSandbox, container: api.Container
+    ) -> api.CreateContainerResponse:
+        t0 = time.perf_counter()
+        try:
+            env, mounts, privileged = request_inputs(container)
+            decision = decide(env, mounts, privileged, self.settings.hook, self.driver.snapshot())
+            if decision.request is None:
+                self.metrics.skipped(time.perf_counter() - t0)
+                if self.log.enabled(logs.Level.DEBUG):
+                    self.log.debug(
+                        "no GPU requested",
+                        container=container.name,
+                        container_id=container.id,
+                        pod_namespace=pod.namespace,
+                        pod=pod.name,
+                    )
+                return api.CreateContainerResponse()
+            response = api.CreateContainerResponse(adjust=to_proto(decision.adjustment))
+        except ContainerError as e:
+            elapsed = time.perf_counter() - t0
+            self.metrics.failed(type(e).__name__, elapsed)
+            self.log.error(
+                "GPU container refused",
+                container=container.name,
+                container_id=container.id,
+                pod_namespace=pod.namespace,
+                pod=pod.name,
+                reason=type(e).__name__,
+                error=str(e),
+                ms=round(elapsed * 1000, 3),
+            )
+            raise
+        except Exception as e:
+            elapsed = time.perf_counter() - t0
+            self.metrics.failed("InternalError", elapsed)
+            self.log.exception(
+                "internal error handling CreateContainer",
+                e,
+                container=container.name,
+                container_id=container.id,
+                pod_namespace=pod.namespace,
+                pod=pod.name,
+                ms=round(elapsed * 1000, 3),
+            )
+            raise InternalError(
+                f"internal error: {type(e).__name__}: {e} (a bug in the NVIDIA NRI plugin; "
+                f"the plugin's log has the traceback)"
+            ) from e
+        elapsed = time.perf_counter() - t0
+        self.metrics.adjusted(elapsed)
+        req, adj = decision.request, decision.adjustment
+        sel = decision.selection or EMPTY_SELECTION
+        self.log.info(
+            "GPU container adjusted",
+            container=container.name,
+            container_id=container.id,
+            pod_namespace=pod.namespace,
+            pod=pod.name,
+            devices=req.devices,
+            capabilities=req.driver_capabilities,
+            gpus=[g.uuid for g in sel.gpus],
+            mig_devices=[m.uuid for m in sel.mig_devices],
+            device_nodes=len(adj.devices),
+            mounts=len(adj.mounts),
+            env=len(adj.env),
+            hooks=len(adj.create_container_hooks),
+            ms=round(elapsed * 1000, 3),
+        )
+        return response
+
+    async def on_registered(self) -> None:
+        snap = self.driver.snapshot()
+        status = (
+            f"registered with {self.runtime or 'the runtime'} as {self.settings.plugin_index}-"
+            f"{self.settings.plugin_name}; "
+            + (
+                f"{len(snap.gpus)} GPU(s), driver {snap.driver_version}"
+                if snap is not None
+                else "no NVIDIA driver found"
+            )
+        )
+        self.notifier.ready(status)
+        self.log.info("registered", runtime=self.runtime)
+
+    async def on_disconnected(self) -> None:
+        self.notifier.status("reconnecting to the NRI socket")
+        self.log.warning("disconnected from the runtime")

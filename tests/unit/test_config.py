@@ -1,0 +1,238 @@
+"""Configuration: schema, toolkit keys, precedence, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nri_plugin import config as cfg
+from nri_plugin.errors import ConfigError
+from nri_plugin.host.model import HostRoots
+from nri_plugin.request.model import DEFAULT_SUPPORTED_DRIVER_CAPABILITIES, HookConfig
+
+# A toolkit config.toml as `nvidia-ctk config default` writes it (plus [features]).
+TOOLKIT_FILE = """
+accept-nvidia-visible-devices-as-volume-mounts = true
+accept-nvidia-visible-devices-envvar-when-unprivileged = false
+disable-require = false
+supported-driver-capabilities = "compat32,compute,display,graphics,ngx,utility,video"
+swarm-resource = "DOCKER_RESOURCE_GPU"
+
+[nvidia-container-cli]
+environment = []
+ldconfig = "@/sbin/ldconfig"
+load-kmods = true
+no-cgroups = false
+root = "/run/nvidia/driver"
+ldcache = "/etc/ld.so.cache.d/nvidia"
+
+[nvidia-container-runtime]
+log-level = "info"
+mode = "auto"
+runtimes = ["docker-runc", "runc", "crun"]
+
+[nvidia-container-runtime.modes.cdi]
+annotation-prefixes = ["cdi.k8s.io/"]
+default-kind = "nvidia.com/gpu"
+spec-dirs = ["/etc/cdi", "/var/run/cdi"]
+
+[nvidia-container-runtime-hook]
+path = "nvidia-container-runtime-hook"
+skip-mode-detection = false
+
+[nvidia-ctk]
+path = "nvidia-ctk"
+
+[features]
+allow-ldconfig-from-container = false
+"""
+
+
+def test_defaults_match_the_toolkit_and_the_brief() -> None:
+    s = cfg.build()
+    assert s.hook == HookConfig()
+    assert s.hook.accept_envvar_unprivileged is True
+    assert s.hook.supported_driver_capabilities == DEFAULT_SUPPORTED_DRIVER_CAPABILITIES
+    assert (s.plugin_name, s.plugin_index, s.socket_path) == ("nvidia-gpu", "10", "/var/run/nri/nri.sock")
+    assert s.roots == HostRoots()
+    assert s.ldcache_path == "/etc/ld.so.cache"
+    assert (s.use_nvml, s.refresh_interval, s.log_level, s.log_format) == (True, 10.0, "info", "logfmt")
+    assert (s.log_file, s.metrics_address) == ("", "")
+
+
+def test_toolkit_file_is_read_and_its_other_keys_ignored() -> None:
+    layer = cfg.parse_toml(TOOLKIT_FILE, "config.toml")
+    s = cfg.build(layer)
+    assert s.hook.accept_volume_mounts is True
+    assert s.hook.accept_envvar_unprivileged is False
+    assert s.hook.swarm_resource == "DOCKER_RESOURCE_GPU"
+    assert s.driver_root == "/run/nvidia/driver"
+    assert s.roots.driver_root == "/run/nvidia/driver"
+    assert s.ldcache_path == "/etc/ld.so.cache.d/nvidia"
+    assert set(layer.ignored) == {
+        "nvidia-container-cli.environment",
+        "nvidia-container-cli.ldconfig",
+        "nvidia-container-cli.load-kmods",
+        "nvidia-container-cli.no-cgroups",
+        "nvidia-container-runtime",
+        "nvidia-container-runtime-hook",
+        "nvidia-ctk",
+        "features",
+    }
+
+
+def test_empty_driver_root_means_slash() -> None:
+    s = cfg.build(cfg.parse_toml('[nvidia-container-cli]\nroot = ""\n', "f"))
+    assert s.driver_root == "/"
+
+
+def test_own_table() -> None:
+    text = """
+[nri-plugin]
+plugin-name = "gpu"
+plugin-index = 5
+socket-path = "/run/nri/nri.sock"
+dev-root = "/host"
+proc-root = "/host/proc"
+sys-root = "/host/sys"
+run-root = "/host"
+use-nvml = false
+refresh-interval = 2.5
+log-level = "WARN"
+log-format = "json"
+log-file = "/var/log/x.log"
+metrics-address = "127.0.0.1:9400"
+mps-pipe-dir = "/tmp/mps"
+"""
+    s = cfg.build(cfg.parse_toml(text, "f"))
+    assert s.plugin_name == "gpu"
+    assert s.plugin_index == "05"
+    assert s.roots == HostRoots("/", "/host", "/host/proc", "/host/sys", "/host")
+    assert (s.use_nvml, s.refresh_interval, s.log_level, s.log_format) == (False, 2.5, "warning", "json")
+    assert (s.log_file, s.metrics_address, s.mps_pipe_dir) == ("/var/log/x.log", "127.0.0.1:9400", "/tmp/mps")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("bogus = 1", ["unknown key 'bogus'", "src.toml"]),
+        ("[nri-plugin]\nfoo = 1", ["unknown key 'nri-plugin.foo'", "plugin-name"]),
+        ("[mystery]\na = 1", ["unknown key 'mystery'"]),
+        ("disable-require = 'yes'", ["'disable-require'", "a boolean", "str"]),
+        ("swarm-resource = 3", ["'swarm-resource'", "a string", "int"]),
+        ("[nvidia-container-cli]\nroot = 5", ["'nvidia-container-cli.root'", "a string"]),
+        ("[nvidia-container-cli]\nroot = 'relative/dir'", ["'nvidia-container-cli.root'", "absolute path"]),
+        ("nvidia-container-cli = 1", ["'nvidia-container-cli' must be a table"]),
+        ("[nri-plugin]\nplugin-index = '100'", ["'nri-plugin.plugin-index'", "two digits"]),
+        ("[nri-plugin]\nplugin-index = true", ["'nri-plugin.plugin-index'", "integer"]),
+        ("[nri-plugin]\nplugin-name = 'a b'", ["'nri-plugin.plugin-name'", "A-Za-z0-9"]),
+        ("[nri-plugin]\nuse-nvml = 1", ["'nri-plugin.use-nvml'", "a boolean", "int"]),
+        ("[nri-plugin]\nrefresh-interval = 0", ["'nri-plugin.refresh-interval'", "> 0"]),
+        ("[nri-plugin]\nrefresh-interval = true", ["'nri-plugin.refresh-interval'", "a number"]),
+        ("[nri-plugin]\nlog-level = 'loud'", ["'nri-plugin.log-level'", "debug, info"]),
+        ("[nri-plugin]\nlog-format = 'xml'", ["'nri-plugin.log-format'", "logfmt, json"]),
+        ("[nri-plugin]\nmetrics-address = 'localhost'", ["'nri-plugin.metrics-address'", "HOST:PORT"]),
+        ("[nri-plugin]\nmetrics-address = 'h:99999'", ["'nri-plugin.metrics-address'", "65535"]),
+        ("a = [", ["not valid TOML", "src.toml"]),
+    ],
+)
+def test_errors_name_key_source_and_fix(text: str, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        cfg.parse_toml(text, "src.toml")
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_precedence_defaults_file_nri_flags(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        "disable-require = true\nswarm-resource = 'FROM_FILE'\n"
+        "[nri-plugin]\nlog-level = 'debug'\nrefresh-interval = 30\nlog-format = 'json'\n"
+    )
+    file_layer = cfg.load_file(str(path), {})
+    nri_layer = cfg.parse_toml(
+        "swarm-resource = 'FROM_NRI'\n[nri-plugin]\nlog-level = 'warning'\nrefresh-interval = 20\n",
+        "NRI config",
+    )
+    flags = cfg.layer_from_flags({"nri-plugin.log-level": "error", "nri-plugin.log-file": None})
+    s = cfg.build(file_layer, nri_layer, flags)
+    assert s.hook.disable_require is True  # only the file sets it
+    assert s.hook.swarm_resource == "FROM_NRI"  # NRI over file
+    assert s.refresh_interval == 20.0  # NRI over file
+    assert s.log_level == "error"  # flags over NRI over file
+    assert s.log_format == "json"  # file over defaults
+    assert s.log_file == ""  # a flag not given changes nothing
+    prov = cfg.provenance(file_layer, nri_layer, flags)
+    assert prov["nri-plugin.log-level"] == "command line"
+    assert prov["swarm-resource"] == "NRI config"
+    assert prov["disable-require"] == str(path)
+
+
+def test_missing_default_file_is_defaults_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.toml")
+    layer = cfg.load_file(None, {"NVIDIA_CTK_CONFIG_FILE_PATH": missing})
+    assert layer.values == {}
+    assert "absent" in layer.source
+    with pytest.raises(ConfigError, match=r"nope\.toml.*--config.*does not exist"):
+        cfg.load_file(missing, {})
+
+
+def test_default_file_lookup_order(tmp_path: Path) -> None:
+    assert cfg.default_config_path({}) == (cfg.DEFAULT_TOOLKIT_CONFIG, False)
+    xdg = cfg.default_config_path({"XDG_CONFIG_HOME": "/x"})
+    assert xdg == ("/x/nvidia-container-runtime/config.toml", False)
+    env = cfg.default_config_path({"XDG_CONFIG_HOME": "/x", "NVIDIA_CTK_CONFIG_FILE_PATH": "/y.toml"})
+    assert env == ("/y.toml", False)
+    path = tmp_path / "c.toml"
+    path.write_text("disable-require = true\n")
+    assert cfg.build(cfg.load_file(None, {"NVIDIA_CTK_CONFIG_FILE_PATH": str(path)})).hook.disable_require
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b"[nri-plugin]\nlog-level = 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: key 'nri-plugin\.log-level' must be a string"):
+        cfg.load_file(str(path), {})
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        cfg.load_file(str(path), {})
+
+
+def test_flags_use_the_same_validation() -> None:
+    with pytest.raises(ConfigError, match=r"command line: key 'nri-plugin\.plugin-index'"):
+        cfg.layer_from_flags({"nri-plugin.plugin-index": "1"})
+    s = cfg.build(cfg.layer_from_flags({"nvidia-container-cli.root": "/drv", "disable-require": True}))
+    assert (s.driver_root, s.hook.disable_require) == ("/drv", True)
+
+
+def test_discovery_key_changes_only_with_discovery_settings() -> None:
+    base = cfg.build()
+    same = cfg.build(cfg.layer_from_flags({"nri-plugin.log-level": "debug"}))
+    other = cfg.build(cfg.layer_from_flags({"nri-plugin.dev-root": "/host"}))
+    assert base.discovery_key() == same.discovery_key()
+    assert base.discovery_key() != other.discovery_key()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("127.0.0.1:9400", ("127.0.0.1", 9400)), ("[::1]:0", ("::1", 0)), (":9400", ("0.0.0.0", 9400))],
+)
+def test_parse_address(value: str, expected: tuple[str, int]) -> None:
+    assert cfg.parse_address(value) == expected
+
+
+def test_to_toml_keys_round_trips() -> None:
+    s = cfg.build(cfg.parse_toml(TOOLKIT_FILE, "f"))
+    keys = cfg.to_toml_keys(s)
+    assert keys["nvidia-container-cli.root"] == "/run/nvidia/driver"
+    doc: dict[str, dict[str, object] | object] = {}
+    for dotted, value in keys.items():
+        table, _, key = dotted.rpartition(".")
+        if table:
+            sub = doc.setdefault(table, {})
+            assert isinstance(sub, dict)
+            sub[key] = value
+        else:
+            doc[dotted] = value
+    assert cfg.build(cfg.layer_from_mapping(doc, "round trip")) == s
