@@ -1,0 +1,433 @@
+"""Resolve a container's GPU request with the exact semantics of ``nvidia-container-runtime-hook``.
+
+The specification is the seed hook (``reference/seed/container_config.go``, ``getNvidiaConfig``
+and the helpers it calls).  Every branch of the seed is reproduced, every ``log.Panicln`` becomes
+a :class:`~nri_plugin.errors.RequestError` carrying the seed's message text, and nothing else may
+escape.  The deliberate deviations, each tested as ``test_deviation_<n>_…``:
+
+1. A swarm-resource variable takes precedence over ``NVIDIA_VISIBLE_DEVICES``, as the seed's own
+   comment says.  The seed's loop has no ``break`` so there the *last* present variable of
+   ``[swarm, NVIDIA_VISIBLE_DEVICES]`` wins; upstream fixed that.  ``swarm_resource`` is a
+   comma-separated list (as in the current toolkit); the first listed variable present in the
+   environment wins and its raw value is used with the seed's special values.  (The current
+   toolkit concatenates the trimmed elements of *all* present swarm variables; with a single
+   configured name — the only case the seed supports — both rules give the same devices.)
+2. Volume-mount requests need a path boundary after ``/var/run/nvidia-container-devices``: the
+   seed's plain string-prefix test also accepted ``/var/run/nvidia-container-devicesX/0``.
+3. Environment entries without ``=`` are ignored with a warning; the seed panicked
+   ("environment error"), failing every such container, although containerd drops those
+   entries itself when it rebuilds the environment.
+4. ``NVIDIA_DRIVER_CAPABILITIES`` is checked against ``supported-driver-capabilities`` as the
+   current toolkit does; ``all`` (and the legacy default) resolve to the supported set.
+
+Requirements are returned sorted (by variable name, the legacy ``cuda>=X.Y`` last) because the
+seed's map iteration order is random.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from nri_plugin.errors import RequestError
+from nri_plugin.request.model import (
+    ALL_DRIVER_CAPABILITIES,
+    DEFAULT_DRIVER_CAPABILITIES,
+    DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT,
+    GpuRequest,
+    HookConfig,
+    Mount,
+)
+
+__all__ = [
+    "ENV_CUDA_VERSION",
+    "ENV_DISABLE_REQUIRE",
+    "ENV_DRIVER_CAPABILITIES",
+    "ENV_MIG_CONFIG_DEVICES",
+    "ENV_MIG_MONITOR_DEVICES",
+    "ENV_REQUIRE_CUDA",
+    "ENV_REQUIRE_PREFIX",
+    "ENV_VISIBLE_DEVICES",
+    "env_map",
+    "go_clean_path",
+    "parse_cuda_version",
+    "parse_go_bool",
+    "resolve_request",
+]
+
+_log = logging.getLogger(__name__)
+
+ENV_CUDA_VERSION = "CUDA_VERSION"
+ENV_REQUIRE_PREFIX = "NVIDIA_REQUIRE_"
+ENV_REQUIRE_CUDA = ENV_REQUIRE_PREFIX + "CUDA"
+ENV_DISABLE_REQUIRE = "NVIDIA_DISABLE_REQUIRE"
+ENV_VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
+ENV_MIG_CONFIG_DEVICES = "NVIDIA_MIG_CONFIG_DEVICES"
+ENV_MIG_MONITOR_DEVICES = "NVIDIA_MIG_MONITOR_DEVICES"
+ENV_DRIVER_CAPABILITIES = "NVIDIA_DRIVER_CAPABILITIES"
+
+_ALL = "all"
+_ALL_CAPS_ORDER: tuple[str, ...] = tuple(ALL_DRIVER_CAPABILITIES.split(","))
+_DEFAULT_CAPS_ORDER: tuple[str, ...] = tuple(DEFAULT_DRIVER_CAPABILITIES.split(","))
+
+
+# --------------------------------------------------------------------------------------------
+# Go library behaviour the seed relies on
+# --------------------------------------------------------------------------------------------
+
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+
+def parse_go_bool(value: str) -> bool | None:
+    """Go's ``strconv.ParseBool``: the accepted spellings only, ``None`` when unparsable."""
+    if value in _GO_TRUE:
+        return True
+    if value in _GO_FALSE:
+        return False
+    return None
+
+
+def go_clean_path(path: str) -> str:
+    """Go's ``path/filepath.Clean`` on Unix (lexical; unlike ``posixpath.normpath`` it also
+    folds a leading ``//`` to ``/``)."""
+    if path == "":
+        return "."
+    rooted = path.startswith("/")
+    parts: list[str] = []
+    for element in path.split("/"):
+        if element in ("", "."):
+            continue
+        if element == "..":
+            if parts and parts[-1] != "..":
+                parts.pop()
+            elif not rooted:
+                parts.append("..")
+            # ".." at the root of a rooted path is dropped
+            continue
+        parts.append(element)
+    body = "/".join(parts)
+    if rooted:
+        return "/" + body
+    return body or "."
+
+
+# Go fmt's isSpace: the unicode.White_Space ranges below U+10000.
+_GO_SPACE_RANGES = (
+    (0x0009, 0x000D),
+    (0x0020, 0x0020),
+    (0x0085, 0x0085),
+    (0x00A0, 0x00A0),
+    (0x1680, 0x1680),
+    (0x2000, 0x200A),
+    (0x2028, 0x2029),
+    (0x202F, 0x202F),
+    (0x205F, 0x205F),
+    (0x3000, 0x3000),
+)
+_EOF = ""
+_UINT32_MAX = 0xFFFFFFFF
+
+
+def _go_is_space(ch: str) -> bool:
+    if ch == _EOF:
+        return False
+    code = ord(ch)
+    return any(lo <= code <= hi for lo, hi in _GO_SPACE_RANGES)
+
+
+class _ScanFailed(Exception):
+    """Internal: one ``fmt.Sscanf`` attempt returned an error."""
+
+
+class _Scanner:
+    """The subset of Go's ``fmt.Sscanf`` that the seed uses: ``%d`` into ``uint32``, literal
+    runes, and runs of white space / newlines in the format (``Sscanf``: newlines are not
+    spaces and do not end the input).  Input after the end of the format is ignored, as in Go."""
+
+    __slots__ = ("pos", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def getc(self) -> str:
+        if self.pos >= len(self.text):
+            return _EOF
+        ch = self.text[self.pos]
+        self.pos += 1
+        return ch
+
+    def unget(self) -> None:
+        self.pos -= 1
+
+    def skip_space(self) -> None:
+        """``ss.SkipSpace`` with ``nlIsSpace == false``: a newline is an error."""
+        while True:
+            ch = self.getc()
+            if ch == _EOF:
+                return
+            if ch == "\n":
+                raise _ScanFailed("unexpected newline")
+            if not _go_is_space(ch):
+                self.unget()
+                return
+
+    def scan_uint32(self) -> int:
+        self.skip_space()  # doScanf skips before every verb but %c …
+        self.skip_space()  # … and scanUint skips once more (harmless, kept for fidelity)
+        start = self.pos
+        while self.pos < len(self.text) and "0" <= self.text[self.pos] <= "9":
+            self.pos += 1
+        token = self.text[start : self.pos]
+        if not token:
+            raise _ScanFailed("expected integer")  # also covers EOF, signs and "_"
+        value = int(token)
+        if value > _UINT32_MAX:  # ParseUint range error or "unsigned integer overflow"
+            raise _ScanFailed("integer overflow")
+        return value
+
+    def match_spaces(self, newlines: int, trailing_space: bool) -> None:
+        """``ss.advance`` for one run of white space in the format."""
+        for _ in range(newlines):
+            ch = self.getc()
+            while _go_is_space(ch) and ch != "\n":
+                ch = self.getc()
+            if ch not in ("\n", _EOF):
+                raise _ScanFailed("newline in format does not match input")
+        if trailing_space:
+            ch = self.getc()
+            if newlines == 0:
+                if not _go_is_space(ch) and ch != _EOF:
+                    raise _ScanFailed("expected space in input to match format")
+                if ch == "\n":
+                    raise _ScanFailed("newline in input does not match format")
+            while _go_is_space(ch) and ch != "\n":
+                ch = self.getc()
+            if ch != _EOF:
+                self.unget()
+
+
+def _go_sscanf_uint32(text: str, fmt: str) -> tuple[int, ...]:
+    """Run ``fmt.Sscanf(text, fmt, &uint32...)`` for a format made of ``%d``, literals and
+    white space; raise :class:`_ScanFailed` where Go returns an error."""
+    scanner = _Scanner(text)
+    values: list[int] = []
+    i = 0
+    while i < len(fmt):
+        ch = fmt[i]
+        if _go_is_space(ch):
+            newlines = 0
+            trailing = False
+            while i < len(fmt) and _go_is_space(fmt[i]):
+                if fmt[i] == "\n":
+                    newlines += 1
+                    trailing = False
+                else:
+                    trailing = True
+                i += 1
+            scanner.match_spaces(newlines, trailing)
+            continue
+        if ch == "%":
+            if fmt[i + 1 : i + 2] != "d":
+                raise ValueError(f"unsupported verb in format {fmt!r}")
+            values.append(scanner.scan_uint32())
+            i += 2
+            continue
+        got = scanner.getc()
+        if got == _EOF:
+            raise _ScanFailed("unexpected EOF")
+        if got != ch:
+            raise _ScanFailed("input does not match format")
+        i += 1
+    return tuple(values)
+
+
+def parse_cuda_version(value: str) -> tuple[int, int, int]:
+    """The seed's ``parseCudaVersion``: ``%d.%d.%d\\n``, then ``%d.%d\\n``, then ``%d\\n``.
+
+    Go ``Sscanf`` rules that matter here: white space (not newline) may precede every number
+    and follow the last one; a newline may end the match, after which anything is ignored
+    (``"12.4\\nxyz"`` is 12.4); signs, ``_``, trailing garbage and values above 2**32-1 fail the
+    attempt.  Raises ``RequestError("invalid CUDA version: <value>")`` when all three fail.
+    """
+    for fmt in ("%d.%d.%d\n", "%d.%d\n", "%d\n"):
+        try:
+            parsed = _go_sscanf_uint32(value, fmt)
+        except _ScanFailed:
+            continue
+        padded = (*parsed, 0, 0)
+        return padded[0], padded[1], padded[2]
+    raise RequestError(f"invalid CUDA version: {value}")
+
+
+# --------------------------------------------------------------------------------------------
+# The seed's helpers
+# --------------------------------------------------------------------------------------------
+
+
+def env_map(env: Sequence[str]) -> dict[str, str]:
+    """``getEnvMap``: split each entry at the first ``=``; later duplicates win.
+
+    Deviation 3: entries without ``=`` are skipped with a warning instead of failing.
+    """
+    result: dict[str, str] = {}
+    for entry in env:
+        key, sep, value = entry.partition("=")
+        if not sep:
+            _log.warning(
+                "ignoring environment entry without '=': %r (containerd drops such entries; "
+                "write it as NAME=value)",
+                entry,
+            )
+            continue
+        result[key] = value
+    return result
+
+
+def _is_legacy_image(env: Mapping[str, str]) -> bool:
+    return len(env.get(ENV_CUDA_VERSION, "")) > 0 and len(env.get(ENV_REQUIRE_CUDA, "")) == 0
+
+
+def _swarm_names(config: HookConfig) -> list[str]:
+    return [name.strip() for name in config.swarm_resource.split(",") if name.strip()]
+
+
+def _devices_from_envvar(env: Mapping[str, str], legacy: bool, config: HookConfig) -> str | None:
+    devices: str | None = None
+    for name in (*_swarm_names(config), ENV_VISIBLE_DEVICES):
+        if name in env:  # Deviation 1: the first present variable wins
+            devices = env[name]
+            break
+    if devices is None and legacy:
+        return "all"
+    if devices is None or devices == "" or devices == "void":
+        return None
+    if devices == "none":
+        return ""
+    return devices
+
+
+_VOLUME_ROOT = go_clean_path(DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT)
+
+
+def _devices_from_mounts(mounts: Sequence[Mount]) -> str | None:
+    devices: list[str] = []
+    for mount in mounts:
+        if go_clean_path(mount.source) != "/dev/null":
+            continue
+        destination = go_clean_path(mount.destination)
+        if not destination.startswith(_VOLUME_ROOT):
+            continue
+        device = destination[len(_VOLUME_ROOT) :]
+        if device and device[0] != "/":
+            continue  # Deviation 2: "/var/run/nvidia-container-devicesX/…" is not a request
+        device = device[1:]
+        if not device:
+            continue
+        devices.append(device)
+    if not devices:
+        return None
+    return ",".join(devices)
+
+
+def _devices(
+    config: HookConfig, env: Mapping[str, str], mounts: Sequence[Mount], privileged: bool, legacy: bool
+) -> str | None:
+    if config.accept_volume_mounts:
+        from_mounts = _devices_from_mounts(mounts)
+        if from_mounts is not None:
+            return from_mounts
+    devices = _devices_from_envvar(env, legacy, config)
+    if devices is None:
+        return None
+    if privileged or config.accept_envvar_unprivileged:
+        return devices
+    raise RequestError("insufficient privileges to read device list from NVIDIA_VISIBLE_DEVICES envvar")
+
+
+def _split_caps(value: str) -> list[str]:
+    return [c.strip() for c in value.split(",") if c.strip()]
+
+
+def _driver_capabilities(env: Mapping[str, str], legacy: bool, config: HookConfig) -> str:
+    """``getDriverCapabilities`` plus the toolkit's supported-set check (Deviation 4).
+
+    ``all`` and the legacy default resolve to the supported set, written in the seed's
+    ``ALL_DRIVER_CAPABILITIES`` order, so with the default configuration the result is the
+    seed's string byte for byte.  An explicit list is returned as written once every element
+    is supported (the seed returns it raw; ``GpuRequest.capabilities`` trims).
+    """
+    supported = set(_split_caps(config.supported_driver_capabilities))
+    supports_all = _ALL in supported
+
+    def allowed(cap: str) -> bool:
+        return supports_all or cap in supported
+
+    requested = env.get(ENV_DRIVER_CAPABILITIES)
+    if requested is None and legacy:
+        return ",".join(c for c in _ALL_CAPS_ORDER if allowed(c))
+    if requested is None or requested == "":
+        return ",".join(c for c in _DEFAULT_CAPS_ORDER if allowed(c))
+    caps = _split_caps(requested)
+    if _ALL in caps:
+        return ",".join(c for c in _ALL_CAPS_ORDER if allowed(c))
+    unsupported = sorted({c for c in caps if not allowed(c)})
+    if unsupported:
+        supported_text = ",".join(sorted(supported))
+        raise RequestError(
+            f"unsupported capabilities found in '{','.join(sorted(set(caps)))}' "
+            f"(allowed '{supported_text}'): {', '.join(repr(c) for c in unsupported)} not supported; "
+            f"set {ENV_DRIVER_CAPABILITIES} to a comma-separated subset of the allowed capabilities "
+            "or 'all', or extend supported-driver-capabilities in the toolkit config"
+        )
+    return requested
+
+
+def _requirements(env: Mapping[str, str], legacy: bool) -> tuple[str, ...]:
+    names = sorted(name for name in env if name.startswith(ENV_REQUIRE_PREFIX))
+    requirements = [env[name] for name in names]
+    if legacy:
+        major, minor, _ = parse_cuda_version(env[ENV_CUDA_VERSION])
+        requirements.append(f"cuda>={major}.{minor}")
+    return tuple(requirements)
+
+
+def resolve_request(
+    env: Sequence[str],
+    mounts: Sequence[Mount],
+    privileged: bool,
+    config: HookConfig = HookConfig(),  # noqa: B008 - frozen, hence safe as a default
+) -> GpuRequest | None:
+    """The seed's ``getNvidiaConfig`` on an environment list: ``None`` for a non-GPU container.
+
+    Checks run in the seed's order — devices, MIG config, MIG monitor, capabilities,
+    requirements — and the first failing one raises :class:`RequestError`.
+    """
+    variables = env_map(env)
+    legacy = _is_legacy_image(variables)
+
+    devices = _devices(config, variables, mounts, privileged, legacy)
+    if devices is None:
+        return None
+
+    mig_config = variables.get(ENV_MIG_CONFIG_DEVICES, "")
+    if not privileged and mig_config != "":
+        raise RequestError("cannot set MIG_CONFIG_DEVICES in non privileged container")
+
+    mig_monitor = variables.get(ENV_MIG_MONITOR_DEVICES, "")
+    if not privileged and mig_monitor != "":
+        raise RequestError("cannot set MIG_MONITOR_DEVICES in non privileged container")
+
+    capabilities = _driver_capabilities(variables, legacy, config)
+    requirements = _requirements(variables, legacy)
+    disable_require = bool(parse_go_bool(variables.get(ENV_DISABLE_REQUIRE, ""))) or config.disable_require
+
+    return GpuRequest(
+        devices=devices,
+        mig_config_devices=mig_config,
+        mig_monitor_devices=mig_monitor,
+        driver_capabilities=capabilities,
+        requirements=requirements,
+        disable_require=disable_require,
+    )
