@@ -1,0 +1,229 @@
+"""An asyncio NRI connection: drives the mux and ttrpc codecs over one connected unix socket.
+
+* Mux conn 1 (plugin service): we are the ttrpc server. Each request runs in its own task, looked
+  up in a handler table keyed by ``(service, method)``; a slow handler never blocks the others.
+* Mux conn 2 (runtime service): we are the ttrpc client, ``await conn.call(...)``.
+
+Each message is written in one piece under a lock, so the frames of two messages never
+interleave. EOF, a socket error or a protocol violation ends the connection: pending calls fail
+with :class:`ConnectionClosed`, running handlers are cancelled, and ``on_close(reason)`` is called
+once. Nothing escapes the read loop as an unhandled exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+
+from nri_plugin.errors import NriPluginError, ProtocolError
+from nri_plugin.wire import mux, ttrpc
+from nri_plugin.wire.ttrpc import Code, RpcError
+
+Handler = Callable[[bytes], Awaitable[bytes]]
+"""Takes the serialized request message, returns the serialized response message."""
+
+READ_SIZE = 256 * 1024
+
+
+class ConnectionClosed(NriPluginError):
+    """The NRI connection ended (EOF, socket error or protocol violation) before a call finished."""
+
+
+class Connection:
+    def __init__(
+        self,
+        sock: socket.socket,
+        handlers: Mapping[tuple[str, str], Handler],
+        *,
+        logger: logging.Logger | None = None,
+        on_close: Callable[[str], None] | None = None,
+    ) -> None:
+        self._sock = sock
+        self._handlers = dict(handlers)
+        self._services = {service for service, _ in self._handlers}
+        self._log = logger or logging.getLogger(__name__)
+        self._on_close = on_close
+        self._mux = mux.MuxReader()
+        self._server = ttrpc.ServerConnection()
+        self._client = ttrpc.ClientConnection()
+        self._calls: dict[int, asyncio.Future[ttrpc.ResponseReceived]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._write_lock = asyncio.Lock()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._closed = asyncio.Event()
+        self.close_reason: str | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> str:
+        await self._closed.wait()
+        assert self.close_reason is not None
+        return self.close_reason
+
+    async def open(self) -> None:
+        """Attach the socket to the running loop (call before ``serve``/``call``)."""
+        self._sock.setblocking(False)
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock, limit=READ_SIZE)
+
+    async def serve(self) -> str:
+        """Read and dispatch until the connection ends; returns why it ended. Never raises."""
+        if self._reader is None:
+            await self.open()
+        assert self._reader is not None
+        reason: str
+        try:
+            while not self.closed:
+                data = await self._reader.read(READ_SIZE)
+                if not data:
+                    reason = "peer closed the connection (EOF)"
+                    if self._mux.buffered:
+                        reason = f"peer closed the connection (EOF) {self._mux.buffered} bytes into a frame"
+                    break
+                self._receive(data)
+            else:
+                reason = self.close_reason or "closed"
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+        except (ConnectionError, OSError) as exc:
+            reason = f"socket error: {exc!r}"
+        except asyncio.CancelledError:
+            await self.close("connection task cancelled")
+            raise
+        except Exception as exc:  # a bug in our own code must not escape the loop
+            self._log.exception("nri connection: unexpected error in the read loop")
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+        await self.close(reason)
+        return self.close_reason or reason
+
+    def _receive(self, data: bytes) -> None:
+        for frame in self._mux.feed(data):
+            if frame.conn_id == mux.PLUGIN_SERVICE_CONN:
+                for event in self._server.receive_data(frame.payload):
+                    if isinstance(event, ttrpc.RequestRejected):
+                        self._log.warning(
+                            "nri connection: rejected request on stream %d: %s",
+                            event.stream_id,
+                            event.message,
+                        )
+                        self._spawn(
+                            self._send_plugin_conn(
+                                self._server.send_error(event.stream_id, event.code, event.message)
+                            )
+                        )
+                    else:
+                        self._spawn(self._dispatch(event))
+            elif frame.conn_id == mux.RUNTIME_SERVICE_CONN:
+                for response in self._client.receive_data(frame.payload):
+                    fut = self._calls.pop(response.stream_id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(response)
+            else:  # the Go mux drops frames for connections it has not opened
+                self._log.debug("nri connection: dropped frame for unknown mux connection %d", frame.conn_id)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dispatch(self, req: ttrpc.RequestReceived) -> None:
+        handler = self._handlers.get((req.service, req.method))
+        if handler is None:
+            if req.service not in self._services:
+                reply = self._server.send_error(req.stream_id, Code.UNIMPLEMENTED, f"service {req.service}")
+            else:
+                reply = self._server.send_error(req.stream_id, Code.UNIMPLEMENTED, f"method {req.method}")
+        else:
+            try:
+                payload = await handler(req.payload)
+            except RpcError as exc:
+                reply = self._server.send_error(req.stream_id, exc.code, exc.message)
+            except NriPluginError as exc:  # ContainerError & co: the message is for the CRI caller
+                reply = self._server.send_error(req.stream_id, Code.UNKNOWN, str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._log.exception("nri connection: handler for %s/%s failed", req.service, req.method)
+                reply = self._server.send_error(
+                    req.stream_id,
+                    Code.UNKNOWN,
+                    f"internal error in {req.method}: {type(exc).__name__}: {exc}",
+                )
+            else:
+                reply = self._server.send_response(req.stream_id, payload)
+        await self._send_plugin_conn(reply)
+
+    async def _send_plugin_conn(self, message: bytes) -> None:
+        try:
+            await self._write(mux.encode_message(mux.PLUGIN_SERVICE_CONN, message))
+        except ConnectionClosed as exc:  # the runtime went away; nobody is left to answer
+            self._log.debug("nri connection: response dropped: %s", exc)
+
+    async def _write(self, data: bytes) -> None:
+        if self.closed or self._writer is None:
+            raise ConnectionClosed(f"cannot send on a closed NRI connection ({self.close_reason})")
+        async with self._write_lock:
+            try:
+                self._writer.write(data)
+                await self._writer.drain()
+            except (ConnectionError, OSError) as exc:
+                self._spawn(self.close(f"socket error while writing: {exc!r}"))
+                raise ConnectionClosed(f"NRI connection lost while writing: {exc!r}") from exc
+
+    async def call(self, service: str, method: str, request: bytes, timeout: float | None = None) -> bytes:
+        """Call ``service/method`` on the runtime (mux conn 2) and return the response payload.
+
+        Raises RpcError for a non-OK status (DEADLINE_EXCEEDED when ``timeout`` seconds pass),
+        ConnectionClosed when the connection ends first.
+        """
+        if self.closed:
+            raise ConnectionClosed(f"cannot call {service}/{method}: connection closed ({self.close_reason})")
+        timeout_nano = int(timeout * 1e9) if timeout is not None else 0
+        stream_id, message = self._client.send_request(service, method, request, timeout_nano)
+        fut: asyncio.Future[ttrpc.ResponseReceived] = asyncio.get_running_loop().create_future()
+        self._calls[stream_id] = fut
+        try:
+            await self._write(mux.encode_message(mux.RUNTIME_SERVICE_CONN, message))
+            async with asyncio.timeout(timeout):
+                response = await fut
+        except TimeoutError:
+            raise RpcError(
+                Code.DEADLINE_EXCEEDED, f"{service}/{method}: no response within {timeout} s"
+            ) from None
+        finally:
+            self._calls.pop(stream_id, None)
+            self._client.forget(stream_id)
+        if not response.ok:
+            raise RpcError(response.code, response.message)
+        return response.payload
+
+    async def close(self, reason: str = "closed locally") -> None:
+        """End the connection (idempotent); the first reason given is the one reported."""
+        if self.closed:
+            return
+        self.close_reason = reason
+        self._closed.set()
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed(f"NRI connection closed: {reason}"))
+        self._calls.clear()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+        else:
+            self._sock.close()
+        if self._on_close is not None:
+            try:
+                self._on_close(reason)
+            except Exception:
+                self._log.exception("nri connection: on_close callback failed")
