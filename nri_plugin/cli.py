@@ -72,6 +72,12 @@ def _add_config_flags(p: argparse.ArgumentParser, *, host_only: bool = False) ->
     g.add_argument("--sys-root", metavar="DIR", help="sysfs root (default /sys)")
     g.add_argument("--run-root", metavar="DIR", help="root for IPC sockets (persistenced, MPS)")
     g.add_argument(
+        "--host-root",
+        metavar="DIR",
+        help="where the host's / is mounted in this process's view (e.g. /host in a pod); "
+        "prefixed to the driver/dev/run roots, stripped from the mount sources given to containerd",
+    )
+    g.add_argument(
         "--no-nvml",
         dest="use_nvml",
         action="store_const",
@@ -228,6 +234,7 @@ def flag_values(args: argparse.Namespace) -> dict[str, object | None]:
         "nri-plugin.proc-root": g.get("proc_root"),
         "nri-plugin.sys-root": g.get("sys_root"),
         "nri-plugin.run-root": g.get("run_root"),
+        "nri-plugin.host-root": g.get("host_root"),
         "nri-plugin.use-nvml": g.get("use_nvml"),
         "nri-plugin.socket-path": g.get("socket"),
         "nri-plugin.plugin-name": g.get("name") if g.get("command") == "run" else None,

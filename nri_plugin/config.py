@@ -71,6 +71,11 @@ class Settings:
     proc_root: str = "/proc"
     sys_root: str = "/sys"
     run_root: str = "/"
+    # Where the host's / is mounted in this process's view ("/host" in a DaemonSet pod): prefixed
+    # to driver-root, dev-root and run-root for reading, stripped from the mount sources handed to
+    # containerd. proc-root and sys-root are not prefixed: a container's procfs/sysfs are the host
+    # kernel's, so /proc/driver/nvidia and /proc/devices read the same in a pod.
+    host_root: str = "/"
     use_nvml: bool = True
     refresh_interval: float = 10.0
     log_level: str = "info"
@@ -81,12 +86,16 @@ class Settings:
 
     @property
     def roots(self) -> HostRoots:
+        def under_host(path: str) -> str:
+            return os.path.normpath(os.path.join(self.host_root, path.lstrip("/")))
+
         return HostRoots(
-            driver_root=self.driver_root or "/",
-            dev_root=self.dev_root,
+            driver_root=under_host(self.driver_root or "/"),
+            dev_root=under_host(self.dev_root),
             proc_root=self.proc_root,
             sys_root=self.sys_root,
-            run_root=self.run_root,
+            run_root=under_host(self.run_root),
+            host_root=self.host_root,
         )
 
     @property
@@ -220,6 +229,7 @@ _OWN_KEYS: Mapping[str, _Key] = {
     "proc-root": _k("proc_root", _STR, _is_str, _abs_path),
     "sys-root": _k("sys_root", _STR, _is_str, _abs_path),
     "run-root": _k("run_root", _STR, _is_str, _abs_path),
+    "host-root": _k("host_root", _STR, _is_str, _abs_path),
     "use-nvml": _k("use_nvml", _BOOL, _is_bool),
     "refresh-interval": _k("refresh_interval", "a number of seconds", _is_number, _interval),
     "log-level": _k("log_level", _STR, _is_str, _choice(LOG_LEVELS)),

@@ -70,7 +70,7 @@ from typing import Generic, TypeVar
 from nri_plugin.adjust.model import IPC_BIND_OPTIONS, RO_BIND_OPTIONS, Adjustment, MountEdit
 from nri_plugin.adjust.select import Selection, select_devices, show_id
 from nri_plugin.errors import ContainerError, RequestError
-from nri_plugin.host.model import DeviceNode, DriverSnapshot, Gpu, Library, MigDevice
+from nri_plugin.host.model import DeviceNode, DriverSnapshot, Gpu, HostRoots, Library, MigDevice
 from nri_plugin.request.model import ALL_DRIVER_CAPABILITIES, GpuRequest
 
 LIB_DIRS_64 = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
@@ -309,29 +309,37 @@ def _container_path(host_path: str, root: str) -> str:
     return "/" + rel
 
 
-def _library_mounts(libraries: Iterable[Library], dirs: tuple[str, ...]) -> Iterable[MountEdit]:
+def _library_mounts(
+    libraries: Iterable[Library], dirs: tuple[str, ...], roots: HostRoots
+) -> Iterable[MountEdit]:
     for lib in libraries:
         names = [lib.file_name, lib.soname]
         names.extend(extra for prefix, extra in EXTRA_LIBRARY_NAMES if lib.soname.startswith(prefix))
+        source = roots.to_host(lib.host_path)
         for directory in dirs:
             for name in names:
-                yield MountEdit(lib.host_path, f"{directory}/{name}", RO_BIND_OPTIONS)
+                yield MountEdit(source, f"{directory}/{name}", RO_BIND_OPTIONS)
 
 
 def _mounts(snapshot: DriverSnapshot, caps: frozenset[str]) -> tuple[MountEdit, ...]:
     groups = {group for cap in caps for group in LIBRARY_GROUPS.get(cap, ())}
     ordered = [group for group in LIBRARY_GROUP_ORDER if group in groups]
+    roots = snapshot.roots
     mounts: list[MountEdit] = []
     for group in ordered:
-        mounts.extend(_library_mounts(snapshot.libraries.get(group, ()), LIB_DIRS_64))
+        mounts.extend(_library_mounts(snapshot.libraries.get(group, ()), LIB_DIRS_64, roots))
     if "compat32" in caps:
         for group in ordered:
-            mounts.extend(_library_mounts(snapshot.libraries32.get(group, ()), LIB_DIRS_32))
+            mounts.extend(_library_mounts(snapshot.libraries32.get(group, ()), LIB_DIRS_32, roots))
 
     bin_groups = [g for g in ("utility", "compute") if g in caps]
     for group in bin_groups:
         for host_path in snapshot.binaries.get(group, ()):
-            mounts.append(MountEdit(host_path, f"{BIN_DIR}/{os.path.basename(host_path)}", RO_BIND_OPTIONS))
+            mounts.append(
+                MountEdit(
+                    roots.to_host(host_path), f"{BIN_DIR}/{os.path.basename(host_path)}", RO_BIND_OPTIONS
+                )
+            )
 
     run_root = snapshot.roots.run_root
     ipc: list[str | None] = []
@@ -341,11 +349,15 @@ def _mounts(snapshot: DriverSnapshot, caps: frozenset[str]) -> tuple[MountEdit, 
         ipc.append(snapshot.mps_pipe_dir)
     for ipc_path in ipc:
         if ipc_path is not None:
-            mounts.append(MountEdit(ipc_path, _container_path(ipc_path, run_root), IPC_BIND_OPTIONS))
+            mounts.append(
+                MountEdit(roots.to_host(ipc_path), _container_path(ipc_path, run_root), IPC_BIND_OPTIONS)
+            )
 
     driver_root = snapshot.roots.driver_root
     for host_path in snapshot.firmware:
-        mounts.append(MountEdit(host_path, _container_path(host_path, driver_root), RO_BIND_OPTIONS))
+        mounts.append(
+            MountEdit(roots.to_host(host_path), _container_path(host_path, driver_root), RO_BIND_OPTIONS)
+        )
 
     unique: dict[str, MountEdit] = {}
     for mount in mounts:

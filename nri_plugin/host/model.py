@@ -29,6 +29,22 @@ class HostRoots:
     proc_root: str = "/proc"  # /proc/devices, /proc/driver/nvidia/..., /proc/driver/nvidia-caps/...
     sys_root: str = "/sys"
     run_root: str = "/"  # IPC sockets: <run_root>/run/nvidia-persistenced/socket, <run_root>/tmp/nvidia-mps
+    # Where the host's "/" is visible to this process: "/" on a node, e.g. "/host" in a DaemonSet pod
+    # that mounts the host's root there. driver/dev/run roots above already include it (they are
+    # the paths this process reads); mount sources handed to containerd have it stripped, because
+    # containerd resolves them on the host.
+    host_root: str = "/"
+
+    def to_host(self, path: str) -> str:
+        """``path`` as read by this process -> the same file's path on the host (for containerd)."""
+        root = self.host_root.rstrip("/")
+        if not root:
+            return path
+        if path == root:
+            return "/"
+        if path.startswith(root + "/"):
+            return path[len(root) :]
+        return path
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,6 +152,30 @@ def test_sources_are_host_paths_and_options() -> None:
     assert len(by_dest) == len(adj.mounts)  # destinations unique
 
 
+def test_host_root_is_stripped_from_mount_sources_only() -> None:
+    # A DaemonSet pod sees the host's / at ROOT (host-root); containerd needs the host's own paths.
+    snap = dataclasses.replace(SNAP, roots=dataclasses.replace(SNAP.roots, host_root=ROOT))
+    adj = build_adjustment(request("0"), snap)
+    by_dest = {m.destination: m for m in adj.mounts}
+    assert by_dest["/usr/lib64/libcuda.so.1"].source == f"/usr/lib/x86_64-linux-gnu/libcuda.so.{VER}"
+    assert by_dest["/usr/bin/nvidia-smi"].source == "/usr/bin/nvidia-smi"
+    assert by_dest["/run/nvidia-persistenced/socket"].source == "/run/nvidia-persistenced/socket"
+    assert by_dest[f"/lib/firmware/nvidia/{VER}/gsp_ga10x.bin"].source == (
+        f"/lib/firmware/nvidia/{VER}/gsp_ga10x.bin"
+    )
+    assert not any(m.source.startswith(ROOT + "/") for m in adj.mounts)
+    # Device nodes are described by path and major:minor, never by the pod's view of them.
+    assert dev_paths(adj) == dev_paths(build_adjustment(request("0"), SNAP))
+
+
+def test_host_roots_to_host() -> None:
+    roots = HostRoots(host_root="/host")
+    assert roots.to_host("/host/usr/lib/x.so") == "/usr/lib/x.so"
+    assert roots.to_host("/host") == "/"
+    assert roots.to_host("/hostile/x") == "/hostile/x"  # a path boundary, not a string prefix
+    assert HostRoots().to_host("/usr/lib/x.so") == "/usr/lib/x.so"
+
+
 def _names(adj: Adjustment) -> set[str]:
     return {os.path.basename(m.destination) for m in adj.mounts}
 

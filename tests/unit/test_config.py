@@ -236,3 +236,21 @@ def test_to_toml_keys_round_trips() -> None:
         else:
             doc[dotted] = value
     assert cfg.build(cfg.layer_from_mapping(doc, "round trip")) == s
+
+
+def test_host_root_prefixes_read_roots_but_not_procfs() -> None:
+    text = '[nvidia-container-cli]\nroot = "/run/nvidia/driver"\n[nri-plugin]\nhost-root = "/host"\n'
+    roots = cfg.build(cfg.parse_toml(text, "f")).roots
+    assert roots == HostRoots(
+        driver_root="/host/run/nvidia/driver",
+        dev_root="/host",
+        proc_root="/proc",
+        sys_root="/sys",
+        run_root="/host",
+        host_root="/host",
+    )
+    assert roots.to_host("/host/run/nvidia/driver/usr/lib64/libcuda.so.1") == (
+        "/run/nvidia/driver/usr/lib64/libcuda.so.1"
+    )
+    with pytest.raises(ConfigError, match="host-root"):
+        cfg.build(cfg.parse_toml('[nri-plugin]\nhost-root = "relative"\n', "f"))
