@@ -241,13 +241,7 @@ class GpuPlugin(Plugin):
             if decision.request is None:
                 self.metrics.skipped(time.perf_counter() - t0)
                 if self.log.enabled(logs.Level.DEBUG):
-                    self.log.debug(
-                        "no GPU requested",
-                        container=container.name,
-                        container_id=container.id,
-                        pod_namespace=pod.namespace,
-                        pod=pod.name,
-                    )
+                    self.log.debug("no GPU requested", **_who(pod, container))
                 return api.CreateContainerResponse()
             response = api.CreateContainerResponse(adjust=to_proto(decision.adjustment))
         except ContainerError as e:
@@ -255,10 +249,7 @@ class GpuPlugin(Plugin):
             self.metrics.failed(type(e).__name__, elapsed)
             self.log.error(
                 "GPU container refused",
-                container=container.name,
-                container_id=container.id,
-                pod_namespace=pod.namespace,
-                pod=pod.name,
+                **_who(pod, container),
                 reason=type(e).__name__,
                 error=str(e),
                 ms=round(elapsed * 1000, 3),
@@ -270,10 +261,7 @@ class GpuPlugin(Plugin):
             self.log.exception(
                 "internal error handling CreateContainer",
                 e,
-                container=container.name,
-                container_id=container.id,
-                pod_namespace=pod.namespace,
-                pod=pod.name,
+                **_who(pod, container),
                 ms=round(elapsed * 1000, 3),
             )
             raise InternalError(
@@ -286,10 +274,7 @@ class GpuPlugin(Plugin):
         sel = decision.selection or EMPTY_SELECTION
         self.log.info(
             "GPU container adjusted",
-            container=container.name,
-            container_id=container.id,
-            pod_namespace=pod.namespace,
-            pod=pod.name,
+            **_who(pod, container),
             devices=req.devices,
             capabilities=req.driver_capabilities,
             gpus=[g.uuid for g in sel.gpus],
@@ -319,3 +304,13 @@ class GpuPlugin(Plugin):
     async def on_disconnected(self) -> None:
         self.notifier.status("reconnecting to the NRI socket")
         self.log.warning("disconnected from the runtime")
+
+
+def _who(pod: api.PodSandbox, container: api.Container) -> dict[str, str]:
+    """The fields that identify a container in every log line about it."""
+    return {
+        "container": container.name,
+        "container_id": container.id,
+        "pod_namespace": pod.namespace,
+        "pod": pod.name,
+    }
