@@ -1,0 +1,403 @@
+#!/usr/bin/env python3
+"""Benchmark the NVIDIA NRI plugin on the real test containerd (not a test; run as root).
+
+    .venv/bin/python bench/bench.py [--containerd 1.7|2.1] [-n 50] [--rounds 5] [--seed S]
+
+One invocation measures, on a private containerd started here (``tests/e2e`` test bed) and a fake
+8-GPU host (``tests/fakehost``):
+
+* CRI ``CreateContainer`` latency, client side, for
+  (a) NRI enabled and no plugin connected, (b) this plugin and a non-GPU container,
+  (c) this plugin and a GPU container (``NVIDIA_VISIBLE_DEVICES=all``: 8 GPUs);
+  ``n`` runs of each, spread over ``rounds`` rounds. Each round runs phase "no plugin" and phase
+  "plugin" in random order, and inside the plugin phase the (b)/(c) creates are shuffled, so slow
+  drift of the machine affects all cases alike. The first create of each phase is not counted.
+  Every container is removed right after it was measured (removal is not timed).
+* The plugin daemon (``python -m nri_plugin run``, a fresh process per round): time from
+  ``exec`` to registered (the daemon's ``registered`` log line), its own ``startup_ms``, and its
+  RSS at the end of each plugin phase.
+* The CreateContainer handler in process: the exact ``CreateContainerRequest`` bytes containerd
+  sent for a (b) and a (c) container (captured by a throw-away recording plugin) timed through
+  ``GpuPlugin.create_container`` alone and with protobuf decode + encode around it, as the stub
+  does; plus the daemon-logged handling time (``ms=``) of every real GPU create, and the
+  ``nri_gpu_create_container_seconds`` histogram from the metrics endpoint as a cross-check.
+
+It prints one plain-text report (also written to ``--output`` when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import platform
+import random
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from nri_plugin import config as cfg  # noqa: E402
+from nri_plugin import logs  # noqa: E402
+from nri_plugin.plugin import GpuPlugin  # noqa: E402
+from nri_plugin.wire._gen import api_pb2 as api  # noqa: E402
+from nri_plugin.wire.stub import Plugin  # noqa: E402
+from tests.e2e.containerd import Containerd  # noqa: E402
+from tests.e2e.cri import ContainerRequest, CriClient, Pod, load_cri  # noqa: E402
+from tests.e2e.deps import E2EDeps  # noqa: E402
+from tests.e2e.images import build_images  # noqa: E402
+from tests.e2e.nri_test_plugin import PluginThread  # noqa: E402
+from tests.e2e.test_robustness_e2e import PluginDaemon  # noqa: E402
+from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus  # noqa: E402
+
+CASES = {
+    "a": "(a) NRI on, no plugin",
+    "b": "(b) plugin, non-GPU container",
+    "c": "(c) plugin, GPU container (all = 8 GPUs)",
+}
+LOG_TS_RE = re.compile(r"^ts=(\S+) .*\bmsg=registered\b", re.M)
+STARTUP_RE = re.compile(r'msg="ready to register".*\bstartup_ms=(\d+)')
+HANDLER_MS_RE = re.compile(r'msg="GPU container adjusted".*\bms=([0-9.]+)')
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (q in [0, 1]) of a non-empty sample."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("quantile of an empty sample")
+    pos = (len(xs) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+# --- the environment ------------------------------------------------------------------------------
+
+
+def machine_line() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    return (
+        f"{cpu}, {os.cpu_count()} vCPU, {mem_gib:.1f} GiB RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def host_layer(host: FakeHost) -> cfg.Layer:
+    r = str(host.root)
+    return cfg.layer_from_flags(
+        {
+            "nvidia-container-cli.root": r,
+            "nri-plugin.dev-root": r,
+            "nri-plugin.proc-root": f"{r}/proc",
+            "nri-plugin.sys-root": f"{r}/sys",
+            "nri-plugin.run-root": r,
+        }
+    )
+
+
+class Capture(Plugin):
+    """Records the serialized CreateContainerRequest per container name; adjusts nothing."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, bytes] = {}
+
+    async def create_container(
+        self, pod: api.PodSandbox, container: api.Container
+    ) -> api.CreateContainerResponse:
+        req = api.CreateContainerRequest(pod=pod, container=container)
+        self.requests[container.name] = req.SerializeToString()
+        return api.CreateContainerResponse()
+
+
+# --- measurements ---------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.rng = random.Random(args.seed)
+        deps = E2EDeps.locate()
+        self.modules = load_cri(deps.cri_proto, deps.cache / "cri_gen")
+        self.images = build_images(deps, work / "images")
+        self.host = build_fake_host(work / "host", gpus=make_gpus(args.gpus))
+        self.ctrd = Containerd(
+            args.containerd, work / "ctrd", deps, self.modules, sandbox_image=self.images.refs["pause"]
+        )
+        self.latency: dict[str, list[float]] = {k: [] for k in CASES}
+        self.to_registered_ms: list[float] = []
+        self.startup_ms: list[float] = []
+        self.rss_mib: list[float] = []
+        self.logged_ms: list[float] = []
+        self.hist: dict[float, float] = {}
+        self.hist_count = 0.0
+        self.hist_sum = 0.0
+        self.daemon_count = 0
+
+    def runc_version(self) -> str:
+        """The runc package line of the test bed's versions.txt, e.g. 'runc 1.1.5+ds1-1+deb12u1'."""
+        with contextlib.suppress(OSError):
+            for line in (self.ctrd.deps.cache / "versions.txt").read_text().splitlines():
+                parts = line.split()
+                if parts and parts[0] == "runc" and len(parts) >= 3:
+                    return f"{parts[1]} {parts[2]}"
+        return "runc (version unknown)"
+
+    @property
+    def cri(self) -> CriClient:
+        return self.ctrd.cri
+
+    def request(self, case: str, name: str) -> ContainerRequest:
+        env = {"NVIDIA_VISIBLE_DEVICES": "all"} if case == "c" else {}
+        return ContainerRequest(image=self.images.refs["busybox"], command=["true"], env=env, name=name)
+
+    def create_timed(self, pod: Pod, case: str, name: str) -> float:
+        t0 = time.perf_counter()
+        cid = self.cri.create_container(pod, self.request(case, name))
+        elapsed = time.perf_counter() - t0
+        self.cri.remove_container(cid)
+        return elapsed * 1000
+
+    def run_phase(self, pod: Pod, cases: list[str], tag: str) -> None:
+        self.create_timed(pod, cases[0], f"warmup-{tag}")  # not counted
+        for i, case in enumerate(cases):
+            self.latency[case].append(self.create_timed(pod, case, f"{case}-{tag}-{i}"))
+
+    @contextlib.contextmanager
+    def daemon(self, tag: str) -> Iterator[PluginDaemon]:
+        log = self.work / f"plugin-{tag}.log"
+        d = PluginDaemon(self.ctrd.nri_socket, self.host.root, log)
+        wall0 = time.time()
+        d.start()
+        try:
+            d.wait_registrations(1, timeout=30)
+            text = d.log_text()
+            ts = LOG_TS_RE.search(text)
+            if ts is not None:
+                registered = dt.datetime.fromisoformat(ts.group(1).replace("Z", "+00:00")).timestamp()
+                self.to_registered_ms.append((registered - wall0) * 1000)
+            startup = STARTUP_RE.search(text)
+            if startup is not None:
+                self.startup_ms.append(float(startup.group(1)))
+            yield d
+            self.rss_mib.append(d.rss() / (1 << 20))
+            self.collect_metrics(d)
+        finally:
+            d.stop()
+            self.logged_ms += [float(m) for m in HANDLER_MS_RE.findall(d.log_text())]
+            self.daemon_count += 1
+
+    def collect_metrics(self, d: PluginDaemon) -> None:
+        for key, value in d.scrape().items():
+            if key.startswith("nri_gpu_create_container_seconds_bucket{le="):
+                bound = float(key.split("le=", 1)[1].rstrip("}"))
+                self.hist[bound] = self.hist.get(bound, 0.0) + value
+            elif key == "nri_gpu_create_container_seconds_count":
+                self.hist_count += value
+            elif key == "nri_gpu_create_container_seconds_sum":
+                self.hist_sum += value
+
+    def capture_requests(self, pod: Pod) -> dict[str, bytes]:
+        capture = Capture()
+        with PluginThread(capture, self.ctrd.nri_socket, name="bench-capture", index="99") as runner:
+            runner.wait_registered()
+            for case in ("b", "c"):
+                cid = self.cri.create_container(pod, self.request(case, f"capture-{case}"))
+                self.cri.remove_container(cid)
+        return {case: capture.requests[f"capture-{case}"] for case in ("b", "c")}
+
+    def cri_rounds(self, pod: Pod) -> None:
+        rounds, n = self.args.rounds, self.args.n
+        per_round = [n // rounds + (1 if r < n % rounds else 0) for r in range(rounds)]
+        for r, count in enumerate(per_round):
+            phases = ["none", "plugin"]
+            self.rng.shuffle(phases)
+            for phase in phases:
+                if phase == "none":
+                    time.sleep(0.3)  # let containerd notice a plugin that just went away
+                    self.run_phase(pod, ["a"] * count, f"r{r}")
+                else:
+                    with self.daemon(f"r{r}"):
+                        cases = ["b"] * count + ["c"] * count
+                        self.rng.shuffle(cases)
+                        self.run_phase(pod, cases, f"r{r}")
+            print(f"  round {r + 1}/{rounds} done", file=sys.stderr)
+
+    def in_process(self, requests: dict[str, bytes]) -> dict[str, list[float]]:
+        # Log to a file like the daemon does: the info line of a GPU container is part of the cost.
+        logger = logs.Logger(logs.FileSink(str(self.work / "inproc.log"), "logfmt"), logs.Level.INFO)
+        plugin = GpuPlugin(file_layer=cfg.Layer("bench"), flag_layer=host_layer(self.host), logger=logger)
+        plugin.driver.refresh()
+        if plugin.driver.snapshot() is None:
+            raise SystemExit(f"in-process discovery of the fake host failed: {plugin.driver.last_error}")
+        out: dict[str, list[float]] = {}
+
+        async def measure() -> None:
+            for case, payload in requests.items():
+                req = api.CreateContainerRequest.FromString(payload)
+                handler: list[float] = []
+                full: list[float] = []
+                for _ in range(self.args.inproc):
+                    t0 = time.perf_counter()
+                    await plugin.create_container(req.pod, req.container)
+                    handler.append((time.perf_counter() - t0) * 1e6)
+                for _ in range(self.args.inproc):
+                    t0 = time.perf_counter()
+                    decoded = api.CreateContainerRequest.FromString(payload)
+                    rsp = await plugin.create_container(decoded.pod, decoded.container)
+                    rsp.SerializeToString()
+                    full.append((time.perf_counter() - t0) * 1e6)
+                out[f"{case}-handler"] = handler
+                out[f"{case}-full"] = full
+
+        asyncio.run(measure())
+        logger.close()
+        return out
+
+    def run(self) -> str:
+        started = dt.datetime.now(dt.UTC)
+        self.ctrd.start()
+        try:
+            for key in ("busybox", "pause"):
+                self.ctrd.import_image(self.images.archives[key])
+            with self.cri.pod("bench") as pod:
+                requests = self.capture_requests(pod)
+                self.cri_rounds(pod)
+        finally:
+            self.ctrd.shutdown()
+        inproc = self.in_process(requests)
+        return self.report(started, inproc, requests)
+
+    # --- report --------------------------------------------------------------------------------
+
+    def report(self, started: dt.datetime, inproc: dict[str, list[float]], requests: dict[str, bytes]) -> str:
+        a, lines = self.args, []
+        base = statistics.median(self.latency["a"])
+        lines += [
+            "nvidia-nri-plugin benchmark (bench/bench.py)",
+            f"date:        {started:%Y-%m-%d %H:%M} UTC",
+            f"machine:     {machine_line()}",
+            f"containerd:  {self.ctrd.package_version} (NRI enabled), {self.runc_version()}",
+            f"host:        fake, {a.gpus} GPUs, driver {self.host.driver_version} "
+            "(tests/fakehost, fake NVML)",
+            f"method:      n={a.n} creates per case over {a.rounds} rounds, phase order and (b)/(c) "
+            f"order shuffled (seed {a.seed}); first create per phase discarded",
+            "",
+            "CRI CreateContainer latency, client side (ms)",
+            f"  {'case':<44}{'median':>8}{'p90':>8}{'median/(a)':>12}{'p90/(a)':>10}",
+        ]
+        base90 = quantile(self.latency["a"], 0.9)
+        for key, label in CASES.items():
+            xs = self.latency[key]
+            med, p90 = statistics.median(xs), quantile(xs, 0.9)
+            lines.append(f"  {label:<44}{med:>8.2f}{p90:>8.2f}{med / base:>12.2f}{p90 / base90:>10.2f}")
+        lines += [
+            "",
+            f"Plugin CreateContainer handler in process (us; {a.inproc} runs each, the exact request "
+            f"bytes containerd sent)",
+            f"  {'':<50}{'p50':>8}{'p90':>8}{'p99':>8}",
+        ]
+        labels = {
+            "b-handler": "(b) non-GPU: GpuPlugin.create_container",
+            "b-full": "(b) non-GPU: decode + handler + encode",
+            "c-handler": "(c) GPU, 8 GPUs: GpuPlugin.create_container",
+            "c-full": "(c) GPU, 8 GPUs: decode + handler + encode",
+        }
+        for key, label in labels.items():
+            xs = inproc[key]
+            lines.append(
+                f"  {label:<50}{quantile(xs, 0.5):>8.1f}{quantile(xs, 0.9):>8.1f}{quantile(xs, 0.99):>8.1f}"
+            )
+        sizes = {k: len(v) for k, v in requests.items()}
+        lines.append(f"  request sizes: (b) {sizes['b']} B, (c) {sizes['c']} B")
+        if self.logged_ms:
+            xs = [x * 1000 for x in self.logged_ms]
+            lines.append(
+                f"  as the daemon logged it (ms=) for the {len(xs)} real GPU creates: "
+                f"p50 {quantile(xs, 0.5):.0f}, p90 {quantile(xs, 0.9):.0f}, p99 {quantile(xs, 0.99):.0f}"
+            )
+        if self.hist_count:
+            le = {bound: count / self.hist_count for bound, count in sorted(self.hist.items())}
+            shares = ", ".join(
+                f"{share:.0%} <= {bound * 1e3:g} ms" for bound, share in le.items() if bound <= 0.001
+            )
+            lines.append(
+                f"  metrics histogram (all {int(self.hist_count)} creates the daemons saw): mean "
+                f"{self.hist_sum / self.hist_count * 1e6:.0f}; {shares}"
+            )
+        lines += [
+            "",
+            f"Daemon ({self.daemon_count} starts, external plugin, fake NVML)",
+        ]
+        if self.to_registered_ms:
+            xs = self.to_registered_ms
+            lines.append(
+                f"  exec -> registered (ms):       median {statistics.median(xs):.0f} "
+                f"(min {min(xs):.0f}, max {max(xs):.0f})"
+            )
+        if self.startup_ms:
+            lines.append(
+                f"  exec -> ready to register (ms, imports + driver discovery, from the daemon): "
+                f"median {statistics.median(self.startup_ms):.0f}"
+            )
+        if self.rss_mib:
+            lines.append(
+                f"  steady RSS after {2 * (a.n // a.rounds)}+ creates (MiB): median "
+                f"{statistics.median(self.rss_mib):.1f} (max {max(self.rss_mib):.1f})"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--containerd", choices=("1.7", "2.1"), default="1.7")
+    p.add_argument("-n", type=int, default=50, help="measured creates per case (default 50)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds (and daemon starts), default 5")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs of the fake host (default 8)")
+    p.add_argument("--inproc", type=int, default=2000, help="in-process handler runs per case")
+    p.add_argument("--seed", type=int, default=20241128)
+    p.add_argument("--output", type=Path, help="also write the report to this file")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.py starts containerd and runc: run it as root", file=sys.stderr)
+        return 2
+    if args.rounds < 1 or args.n < args.rounds:
+        print(
+            f"need --rounds >= 1 and -n >= --rounds (got -n {args.n}, --rounds {args.rounds})",
+            file=sys.stderr,
+        )
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="nri-bench-", dir="/tmp"))  # short: unix socket paths
+    try:
+        text = Bench(args, work).run()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(text, end="")
+    if args.output:
+        args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
