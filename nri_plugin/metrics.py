@@ -37,11 +37,17 @@ class Metrics(Protocol):
     @property
     def address(self) -> str: ...
 
+    @property
+    def listening(self) -> str:
+        """The bound "host:port" while serving ("" when not): the real port when 0 was asked for."""
+        ...
+
 
 class NullMetrics:
     """Metrics disabled: every call is free."""
 
     address = ""
+    listening = ""
 
     def adjusted(self, seconds: float) -> None:
         pass
@@ -151,6 +157,7 @@ class PrometheusMetrics:
         self._thread: Any = None
         self._host, self._port = host, port
         self.address = address
+        self.listening = ""
 
     def start(self) -> tuple[str, int]:
         """Start serving; returns the bound (host, port) (port 0 picks a free one)."""
@@ -158,7 +165,9 @@ class PrometheusMetrics:
 
         self._server, self._thread = start_http_server(self._port, self._host, registry=self.registry)
         bound = self._server.server_address
-        return str(bound[0]), int(bound[1])
+        host, port = str(bound[0]), int(bound[1])
+        self.listening = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return host, port
 
     def adjusted(self, seconds: float) -> None:
         self._adjusted.inc()
@@ -177,6 +186,7 @@ class PrometheusMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+            self.listening = ""
 
 
 def create(

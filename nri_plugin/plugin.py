@@ -166,7 +166,7 @@ class GpuPlugin(Plugin):
                 error=str(e),
             )
             return
-        self.log.info("metrics endpoint listening", metrics_address=address)
+        self.log.info("metrics endpoint listening", metrics_address=address, listening=self.metrics.listening)
 
     async def close(self) -> None:
         if self._watch_task is not None:

@@ -349,11 +349,15 @@ def test_prometheus_endpoint() -> None:
 
 def test_prometheus_without_driver() -> None:
     m = PrometheusMetrics("127.0.0.1:0")
+    assert m.listening == ""
     _, port = m.start()
     try:
+        # Port 0 asked for a free port: `listening` tells which one (the daemon logs it).
+        assert port != 0 and m.listening == f"127.0.0.1:{port}"
         v = _scrape(port)
     finally:
         m.close()
+    assert m.listening == ""
     assert v["nri_gpu_driver_available"] == 0
     assert v["nri_gpu_driver_gpus"] == 0
     assert not any(k.startswith("nri_gpu_driver_info{") for k in v)
@@ -362,7 +366,7 @@ def test_prometheus_without_driver() -> None:
 def test_disabled_metrics_are_a_noop() -> None:
     m = create("")
     assert isinstance(m, NullMetrics)
-    assert m.address == ""
+    assert m.address == "" and m.listening == ""
     m.adjusted(1.0)
     m.failed("x", 1.0)
     m.skipped(1.0)
