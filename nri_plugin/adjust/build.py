@@ -128,20 +128,34 @@ class Same(Generic[T]):
         return isinstance(other, Same) and other.obj is self.obj
 
 
+# The memo keys are container-controlled strings.  Requests whose strings are longer than this
+# in all (64 MIG UUIDs are under 3 KiB) are computed without the memo, so that it holds at most
+# 512 small keys instead of 512 values of several MB each.
+MEMO_MAX_KEY_CHARS = 8192
+
+
 def plan(request: GpuRequest, snapshot: DriverSnapshot) -> Plan:
     """Selection and adjustment of ``request`` on ``snapshot`` (memoized; errors are not cached)."""
-    return _plan_cached(
-        Same(snapshot),
+    key = (
         request.devices,
         request.driver_capabilities,
         request.mig_config_devices,
         request.mig_monitor_devices,
     )
+    if sum(map(len, key)) > MEMO_MAX_KEY_CHARS:
+        return _plan_cached.__wrapped__(Same(snapshot), *key)
+    return _plan_cached(Same(snapshot), *key)
 
 
 def select_for_request(request: GpuRequest, snapshot: DriverSnapshot) -> Selection:
     """The request's device selection on ``snapshot`` (memoized)."""
-    return _select_cached(Same(snapshot), request.devices)
+    return _select(Same(snapshot), request.devices)
+
+
+def _select(snap: Same[DriverSnapshot], devices: str) -> Selection:
+    if len(devices) > MEMO_MAX_KEY_CHARS:
+        return _select_cached.__wrapped__(snap, devices)
+    return _select_cached(snap, devices)
 
 
 def build_adjustment(request: GpuRequest, snapshot: DriverSnapshot) -> Adjustment:
@@ -169,7 +183,7 @@ def _plan_cached(
     snap: Same[DriverSnapshot], devices: str, driver_capabilities: str, mig_config: str, mig_monitor: str
 ) -> Plan:
     snapshot = snap.obj
-    selection = _select_cached(snap, devices)
+    selection = _select(snap, devices)
     all_selected = any(i.lower() == "all" for i in _device_ids(devices))
     caps = _capabilities(driver_capabilities)
     config_all = _mig_all("NVIDIA_MIG_CONFIG_DEVICES", "mig-config", mig_config, all_selected, selection)

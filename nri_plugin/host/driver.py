@@ -1,8 +1,9 @@
 """The cached host driver: one snapshot, read in O(1) on the hot path, refreshed off it.
 
 ``HostDriver.watch()`` polls a cheap fingerprint (stat of the driver version file and ld.so.cache,
-the GPU directories in procfs, the ``/dev/nvidia*`` nodes) and re-runs discovery in a worker thread
-only when it changes. A failed refresh keeps the previous snapshot and records ``last_error``.
+the GPU directories in procfs, the ``/dev/nvidia*`` nodes, the MIG instances' capability entries)
+in a worker thread and re-runs discovery there only when it changes. A failed refresh keeps the
+previous snapshot and records ``last_error``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def _listing(path: str, prefix: str = "") -> list[str]:
 
 
 def fingerprint(roots: HostRoots, ldcache_path: str = "/etc/ld.so.cache") -> Fingerprint:
-    """A value that changes when the driver is installed, upgraded, loaded or unloaded."""
+    """A value that changes when the driver is installed, upgraded, loaded or unloaded, or
+    when the GPUs or their MIG instances change."""
     items: list[tuple[str, tuple[int, ...] | None]] = []
     version = resolve_in_root(roots.proc_root, "driver/nvidia/version")
     items.append((version, _stat_key(version)))
@@ -57,6 +59,18 @@ def fingerprint(roots: HostRoots, ldcache_path: str = "/etc/ld.so.cache") -> Fin
     for name in _listing(caps):
         path = os.path.join(caps, name)
         items.append((path, _stat_key(path)))
+    # MIG instances: the driver keeps one capability entry per existing GPU/compute instance
+    # (gpu<M>/mig/gi<G>/access, .../ci<C>/access).  Creating or destroying instances changes
+    # nothing above once the /dev/nvidia-caps nodes exist, but changes the MIG devices.
+    capabilities = resolve_in_root(roots.proc_root, "driver/nvidia/capabilities")
+    for gpu in _listing(capabilities, "gpu"):
+        mig = os.path.join(capabilities, gpu, "mig")
+        for gi in _listing(mig, "gi"):
+            gi_dir = os.path.join(mig, gi)
+            items.append((gi_dir, _stat_key(gi_dir)))
+            for ci in _listing(gi_dir, "ci"):
+                ci_dir = os.path.join(gi_dir, ci)
+                items.append((ci_dir, _stat_key(ci_dir)))
     return tuple(items)
 
 
@@ -117,7 +131,8 @@ class HostDriver:
         """Poll :meth:`changed` every ``interval`` seconds; refresh in a thread when it is True."""
         while True:
             try:
-                stale = self._fingerprint is None or self.changed()
+                # changed() stats files below the roots: never on the loop that serves containerd.
+                stale = self._fingerprint is None or await asyncio.to_thread(self.changed)
                 if stale and await asyncio.to_thread(self.refresh):
                     log.info("host driver changed: %s", _summary(self._snapshot))
             except Exception as exc:  # the watcher must survive anything a weird host throws at it

@@ -27,7 +27,7 @@ failing one — with the CLI's hint appended when that alternative starts with `
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from nri_plugin.errors import RequirementError
@@ -51,6 +51,7 @@ _CUDA_HINT = ", please update your driver to a newer version, or use an earlier 
 _OPERATOR_CHARS = "<>=!"
 _VERSION_CHARS = frozenset("0123456789.")
 _UINTMAX_MAX = 2**64 - 1
+_UINTMAX_DIGITS = len(str(_UINTMAX_MAX))
 _KEYS = ("cuda", "driver", "arch", "brand")
 # Every non-empty prefix of the operators, in dsl.c's table order, mapped to the operator it
 # selects (strncmp over the length of the operator run in the input).
@@ -151,19 +152,28 @@ def _parse_term(text: str) -> Term:
         return Term(text, key, operator, value, value_error=reason)
     if value.startswith("."):
         return Term(text, key, operator, value, value_error=f"version {value!r} starts with a dot")
-    if any(part and int(part) >= _UINTMAX_MAX for part in value.split(".")):
+    if any(part and _at_least_uintmax(part) for part in value.split(".")):
         return Term(text, key, operator, value, value_error=f"version {value!r} has a component too large")
     return term
 
 
-@functools.lru_cache(maxsize=4096)
-def _compile(text: str) -> Requirement:
-    alternatives = tuple(
-        tuple(_parse_term(term) for term in alternative.split(",") if term != "")
-        for alternative in text.split(" ")
-        if alternative != ""
-    )
-    return Requirement(text, alternatives)
+def _alternatives(text: str) -> Iterator[Iterator[Term]]:
+    """The OR of ANDs of ``text``, parsed only as far as it is iterated (as dsl.c does)."""
+    for alternative in text.split(" "):
+        if alternative != "":
+            yield (_parse_term(term) for term in alternative.split(",") if term != "")
+
+
+def _parse(text: str) -> Requirement:
+    return Requirement(text, tuple(tuple(alternative) for alternative in _alternatives(text)))
+
+
+# The caches below are keyed by container-controlled strings.  Values longer than this (real
+# NVIDIA_REQUIRE_CUDA strings are well under 2 KiB) bypass them: a parsed multi-megabyte value
+# costs tens of MB, and thousands of them would be kept.
+_CACHE_MAX_CHARS = 4096
+
+_compile = functools.lru_cache(maxsize=4096)(_parse)
 
 
 def parse_requirement(expr: str) -> Requirement:
@@ -174,7 +184,7 @@ def parse_requirement(expr: str) -> Requirement:
     """
     if "\x00" in expr:
         raise RequirementError(_nul_message(expr))
-    requirement = _compile(expr)
+    requirement = _compile(expr) if len(expr) <= _CACHE_MAX_CHARS else _parse(expr)
     problems = requirement.problems
     if problems:
         term, reason = problems[0]
@@ -190,16 +200,24 @@ def _invalid_message(term: str, requirement: str, reason: str) -> str:
     return f"invalid expression: {term!r} in requirement {requirement!r}: {reason}; {_SYNTAX_HELP}"
 
 
+def _at_least_uintmax(digits: str) -> bool:
+    """Whether strtoumax of these ASCII digits gives UINTMAX_MAX (saturating), which dsl.c
+    rejects.  Any number of leading zeros is fine, and Python's int() (which refuses more
+    than ``sys.get_int_max_str_digits()`` digits) only sees short strings."""
+    significant = digits.lstrip("0")
+    return len(significant) > _UINTMAX_DIGITS or int(significant or "0") >= _UINTMAX_MAX
+
+
 def _strtoumax(text: str, start: int) -> tuple[int, int]:
     end = start
     while end < len(text) and "0" <= text[end] <= "9":
         end += 1
     if end == start:
         raise _Invalid("a version component is empty")
-    value = int(text[start:end])
-    if value >= _UINTMAX_MAX:  # strtoumax saturates; dsl.c rejects UINTMAX_MAX itself too
+    digits = text[start:end]
+    if _at_least_uintmax(digits):  # strtoumax saturates; dsl.c rejects UINTMAX_MAX itself too
         raise _Invalid("a version component is too large")
-    return value, end
+    return int(digits.lstrip("0") or "0"), end
 
 
 def _skip(text: str, pos: int, chars: str) -> int:
@@ -274,20 +292,29 @@ def _evaluate_term(term: Term, facts: HostFacts) -> bool:
 
 def check_requirement(expr: str, facts: HostFacts) -> None:
     """``dsl_evaluate`` of one requirement value; raises :class:`RequirementError`."""
-    problem = _outcome(expr, facts)
+    if len(expr) <= _CACHE_MAX_CHARS:
+        problem = _outcome(expr, facts)
+    else:
+        problem = _evaluate(expr, facts, _alternatives(expr))
     if problem is not None:
         raise RequirementError(problem)
 
 
 @functools.lru_cache(maxsize=4096)
 def _outcome(expr: str, facts: HostFacts) -> str | None:
-    """The error message of evaluating ``expr`` against ``facts`` (``None``: satisfied).
-    Cached: a node sees few distinct (requirement, device) pairs."""
+    """:func:`_evaluate` of a short ``expr``, cached: a node sees few distinct (requirement,
+    device) pairs."""
     if "\x00" in expr:
         return _nul_message(expr)
-    requirement = _compile(expr)
+    return _evaluate(expr, facts, _compile(expr).alternatives)
+
+
+def _evaluate(expr: str, facts: HostFacts, alternatives: Iterable[Iterable[Term]]) -> str | None:
+    """The error message of evaluating ``expr`` against ``facts`` (``None``: satisfied)."""
+    if "\x00" in expr:
+        return _nul_message(expr)
     result = True
-    for alternative in requirement.alternatives:
+    for alternative in alternatives:
         for term in alternative:
             try:
                 result = _evaluate_term(term, facts)
@@ -299,7 +326,7 @@ def _outcome(expr: str, facts: HostFacts) -> str | None:
             break  # every term held (or there were none): the OR is decided
     if result:
         return None
-    reported = requirement.reported
+    reported = expr.split(" ", 1)[0]  # Requirement.reported
     hint = _CUDA_HINT if reported.startswith(_CUDA_REQUIRE_GREATER) else ""
     return f"unsatisfied condition: {reported}{hint}"
 

@@ -182,7 +182,12 @@ class _Scanner:
         token = self.text[start : self.pos]
         if not token:
             raise _ScanFailed("expected integer")  # also covers EOF, signs and "_"
-        value = int(token)
+        significant = token.lstrip("0")
+        # ParseUint has no digit limit (leading zeros are fine); Python's int() refuses strings
+        # over sys.get_int_max_str_digits(), so only short ones reach it.
+        if len(significant) > len(str(_UINT32_MAX)):
+            raise _ScanFailed("integer overflow")
+        value = int(significant or "0")
         if value > _UINT32_MAX:  # ParseUint range error or "unsigned integer overflow"
             raise _ScanFailed("integer overflow")
         return value

@@ -351,3 +351,26 @@ def test_deterministic_order() -> None:
     clear_cache()
     b = build_adjustment(request("0,1", "graphics,video,utility"), snapshot())
     assert a == b
+
+
+def test_long_request_strings_do_not_stay_in_the_memo() -> None:
+    """The memo is keyed by container-controlled strings; valid but huge ones (repeated ids,
+    repeated capabilities, ``all`` followed by anything) must not be kept in it: 512 entries of
+    a few MB each would be gigabytes."""
+    from nri_plugin.adjust import build
+
+    clear_cache()
+    small = build_adjustment(request("0"), SNAP)
+    long_and_short = [
+        (request(",".join(["0"] * 20_000)), request("0")),
+        (request("0", ",".join(["compute"] * 5_000)), request("0", "compute")),
+        (request("all", config="all," + "x" * 20_000), request("all", config="all")),
+        (request(",".join(["1", "0"] * 10_000), "utility"), request("0,1", "utility")),
+    ]
+    for long, short in long_and_short:
+        expected = (build_adjustment(short, SNAP), select_for_request(short, SNAP))
+        sizes = (build._plan_cached.cache_info().currsize, build._select_cached.cache_info().currsize)
+        for _ in range(2):
+            assert (build_adjustment(long, SNAP), select_for_request(long, SNAP)) == expected
+        assert (build._plan_cached.cache_info().currsize, build._select_cached.cache_info().currsize) == sizes
+    assert build_adjustment(request("0"), SNAP) is small  # short ones are still memoized

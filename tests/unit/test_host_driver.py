@@ -15,7 +15,7 @@ from nri_plugin.errors import HostDiscoveryError
 from nri_plugin.host.discover import discover
 from nri_plugin.host.driver import HostDriver, fingerprint
 from nri_plugin.host.model import DriverSnapshot, HostRoots
-from tests.fakehost import FakeHost, build_fake_host, make_gpus
+from tests.fakehost import FakeHost, FakeMig, build_fake_host, make_gpus
 
 
 @pytest.fixture
@@ -160,3 +160,61 @@ def test_watch_survives_errors(host: FakeHost) -> None:
     asyncio.run(scenario())
     assert drv.last_error is not None and "simulated unreadable tree" in drv.last_error
     assert drv.snapshot() is None
+
+
+def test_changed_on_mig_reconfiguration(tmp_path: Path) -> None:
+    """Creating or destroying MIG instances changes the MIG devices (UUIDs, GI/CI ids, hence
+    the capability minors a container gets) but not the GPU list, the version file, the ld.so.cache
+    or -- once nvidia-modprobe has created them -- the /dev/nvidia-caps nodes.  The driver's
+    per-instance capability entries under /proc/driver/nvidia/capabilities/gpu<M>/mig/ do change;
+    without them in the fingerprint the stale snapshot (old MIG layout) would be served forever."""
+    gpus = make_gpus(1)
+    gpus[0].mig = [FakeMig(gi=1, ci=0, uuid="MIG-0b0b0b0b-1111-2222-3333-444444444444")]
+    host = build_fake_host(tmp_path / "r", gpus=gpus, capabilities_libs=("utility", "compute"))
+    drv = HostDriver(host.roots, use_nvml=False)
+    drv.refresh()
+    assert not drv.changed()
+    mig_dir = host.proc("driver/nvidia/capabilities/gpu0/mig")
+    # nvidia-smi mig -cgi ... -C: a new GPU instance gi2 with compute instance ci0.
+    (mig_dir / "gi2/ci0").mkdir(parents=True)
+    (mig_dir / "gi2/access").write_text("DeviceFileMinor: 21\nDeviceFileMode: 292\n")
+    (mig_dir / "gi2/ci0/access").write_text("DeviceFileMinor: 22\nDeviceFileMode: 292\n")
+    assert drv.changed()
+    drv.refresh()
+    assert not drv.changed()
+    # nvidia-smi mig -dci -ci 0 -gi 1: the compute instance goes away, its GPU instance stays.
+    (mig_dir / "gi1/ci0/access").unlink()
+    (mig_dir / "gi1/ci0").rmdir()
+    assert drv.changed()
+
+
+def test_watch_polls_the_fingerprint_off_the_event_loop(host: FakeHost) -> None:
+    """The fingerprint stats and lists files below the roots (a driver root may sit on a slow
+    or hung filesystem); CreateContainer is served on the event loop, so the poll must not
+    run there."""
+    import threading
+
+    drv = HostDriver(host.roots, use_nvml=False)
+    drv.refresh()
+    threads: list[threading.Thread] = []
+    real_changed = drv.changed
+
+    def recording_changed() -> bool:
+        threads.append(threading.current_thread())
+        return real_changed()
+
+    drv.changed = recording_changed  # type: ignore[method-assign]
+
+    async def scenario() -> threading.Thread:
+        task = asyncio.create_task(drv.watch(interval=0.01))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if threads:
+                break
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(scenario())
+    assert threads and all(t is not loop_thread for t in threads)

@@ -342,3 +342,48 @@ def test_every_operator_in_cuda_image_alternatives() -> None:
         expr = f"cuda{op1}12.4 brand=tesla,driver{op2}470"
         requirement = parse_requirement(expr)
         assert [t.operator for alt in requirement.alternatives for t in alt] == [op1, "=", op2]
+
+
+def test_huge_version_components_are_strtoumax_not_python_int() -> None:
+    """strtoumax takes any number of leading zeros and saturates (-> invalid expression) on
+    overflow; Python's int() refuses strings over 4300 digits with ValueError instead."""
+    zeros = "0" * 5000
+    host = facts(cuda="12.4", driver="550.54.14")
+    check_requirement(f"cuda>={zeros}12.{zeros}4", host)
+    parse_requirement(f"cuda>={zeros}12.{zeros}4")
+    with pytest.raises(RequirementError, match=r"^invalid expression: "):
+        check_requirement(f"cuda>={zeros}12.{zeros}5", host)  # false, and too long to report
+    huge = "1" * 5000
+    for expr in (f"cuda>={huge}", f"driver<12.{huge}", f"cuda>=12.4,driver={huge}.1"):
+        with pytest.raises(RequirementError, match=r"^invalid expression: "):
+            check_requirement(expr, host)
+        with pytest.raises(RequirementError, match=r"^invalid expression: "):
+            parse_requirement(expr)
+    # Never evaluated (the first alternative holds), so never invalid -- as in dsl.c.
+    check_requirement(f"cuda>=12 cuda>={huge}", host)
+
+
+def test_long_requirement_values_are_not_cached_and_are_evaluated_lazily() -> None:
+    """The caches are keyed by container-controlled strings: a multi-megabyte value parsed and
+    kept in a 4096-entry cache costs tens of MB per container.  Long values bypass the caches,
+    and, like dsl.c, are parsed only as far as the evaluation goes."""
+    from nri_plugin.request import requirements as req
+
+    host = facts(cuda="12.4", driver="550.54.14", arch="9.0", brand="Tesla")
+    tail = ",".join(["driver>=1"] * 50_000)
+    before = (req._compile.cache_info().currsize, req._outcome.cache_info().currsize)
+    check_requirement("cuda>=12 " + tail, host)  # satisfied by the first alternative
+    check_requirement("cuda>=99 " + tail, host)  # satisfied by the second
+    with pytest.raises(RequirementError) as info:
+        check_requirement("cuda>=99 " + tail + ",driver<1", host)
+    assert str(info.value) == "unsatisfied condition: cuda>=99" + HINT
+    with pytest.raises(RequirementError, match=r"^invalid expression: 'bogus=1'"):
+        check_requirement("cuda>=99 " + tail + ",bogus=1", host)
+    with pytest.raises(RequirementError, match=r"^invalid expression: 'bogus=1'"):
+        parse_requirement(tail + ",bogus=1")
+    after = (req._compile.cache_info().currsize, req._outcome.cache_info().currsize)
+    assert after == before
+    # Short values (every real CUDA image string) are still cached.
+    req._outcome.cache_clear()
+    check_requirement(CUDA_12_4, host)
+    assert req._outcome.cache_info().currsize == 1

@@ -569,3 +569,18 @@ def test_parse_cuda_version_total(value: str) -> None:
         return
     assert all(0 <= n <= 0xFFFFFFFF for n in (major, minor, patch))
     assert value.lstrip(GO_SPACES)[:1] in set("0123456789")
+
+
+def test_parse_cuda_version_huge_numbers_follow_go_not_python_int_limits() -> None:
+    """Go's ParseUint has no digit limit: leading zeros are fine, >32-bit values fail the scan.
+    Python's int() refuses strings over 4300 digits with ValueError; that must not leak out."""
+    zeros = "0" * 5000
+    assert parse_cuda_version(f"{zeros}12.{zeros}4") == (12, 4, 0)
+    huge = "1" * 5000
+    with pytest.raises(RequestError) as info:
+        parse_cuda_version(huge)
+    assert str(info.value) == f"invalid CUDA version: {huge}"
+    with pytest.raises(RequestError):
+        parse_cuda_version(f"12.4.{huge}")  # like "12.4.4294967296": every format fails
+    request = resolve_request([f"CUDA_VERSION={zeros}11.{zeros}8"], [], True)
+    assert request is not None and request.requirements == ("cuda>=11.8",)
