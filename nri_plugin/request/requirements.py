@@ -34,6 +34,7 @@ from nri_plugin.errors import RequirementError
 
 __all__ = [
     "MAX_REQUIREMENTS",
+    "MAX_REQUIREMENT_BYTES",
     "HostFacts",
     "Requirement",
     "Term",
@@ -44,6 +45,12 @@ __all__ = [
 
 # nvidia-container-cli keeps at most this many --require values ("too many requirements").
 MAX_REQUIREMENTS = 32
+# Linux's MAX_ARG_STRLEN (32 pages): the longest single string execve() accepts. The hook passed
+# each requirement to nvidia-container-cli as one `--require=<value>` argument, so a longer value
+# could never be evaluated there (E2BIG), and the container's own execve() of its environment
+# would fail as well. Refusing it up front also keeps a hostile value from holding the event loop
+# for seconds (evaluating a multi-megabyte expression costs about as much in C as here).
+MAX_REQUIREMENT_BYTES = 32 * 4096
 # dsl.c EXPR_MAX: size of the buffer the failing term is formatted into.
 _EXPR_MAX = 128
 _CUDA_REQUIRE_GREATER = "cuda>="
@@ -340,4 +347,12 @@ def check_requirements(requirements: Sequence[str], facts: HostFacts) -> None:
             f"accepts at most {MAX_REQUIREMENTS}); merge or drop some of them"
         )
     for requirement in requirements:
+        size = len(requirement.encode("utf-8", "surrogatepass"))
+        if size >= MAX_REQUIREMENT_BYTES:
+            raise RequirementError(
+                f"an NVIDIA_REQUIRE_* value of {size} bytes is longer than Linux "
+                f"accepts for one argument or environment string ({MAX_REQUIREMENT_BYTES - 1} bytes, "
+                "MAX_ARG_STRLEN), so neither nvidia-container-cli nor the container could use it; "
+                "shorten the requirement"
+            )
         check_requirement(requirement, facts)

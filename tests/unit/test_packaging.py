@@ -423,7 +423,7 @@ def test_operations_doc_lists_the_error_messages() -> None:
         "cannot set MIG_CONFIG_DEVICES in non privileged container",
         "cannot set MIG_MONITOR_DEVICES in non privileged container",
         "unsupported capabilities found in",
-        "requirement error: unsatisfied condition",
+        "unsatisfied condition",
         "unknown device",
         "plugin registration timed out",
         "both tried to set device",

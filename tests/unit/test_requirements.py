@@ -387,3 +387,16 @@ def test_long_requirement_values_are_not_cached_and_are_evaluated_lazily() -> No
     req._outcome.cache_clear()
     check_requirement(CUDA_12_4, host)
     assert req._outcome.cache_info().currsize == 1
+
+
+def test_requirement_longer_than_max_arg_strlen_is_refused_before_evaluation() -> None:
+    """A value the hook could never have passed to nvidia-container-cli (E2BIG) is refused with a
+    clear error instead of being evaluated on the event loop."""
+    from nri_plugin.request.requirements import MAX_REQUIREMENT_BYTES, check_requirements
+
+    host = facts(cuda="12.4", driver="550.54.14", arch="9.0", brand="Tesla")
+    just_fits = "cuda>=12 " + "x" * (MAX_REQUIREMENT_BYTES - 1 - len("cuda>=12 "))
+    check_requirements([just_fits], host)  # satisfied by the first alternative, tail never parsed
+    too_long = just_fits + "x"
+    with pytest.raises(RequirementError, match=rf"value of {MAX_REQUIREMENT_BYTES} bytes .* MAX_ARG_STRLEN"):
+        check_requirements([too_long], host)
