@@ -175,6 +175,10 @@ def select_libraries(
     for entry in entries:
         if not entry.is_elf or entry.arch != arch:
             continue
+        if "/" in entry.key or "\0" in entry.key:
+            # The key becomes a file name in the container's library directories; a crafted
+            # cache must not be able to steer a mount elsewhere (a real SONAME has no slash).
+            continue
         for _group, prefix in wanted:
             if not entry.key.startswith(prefix):
                 continue

@@ -220,6 +220,22 @@ def test_version_suffix_filter_and_later_entry_wins(tmp_path: Path) -> None:
     assert cuda.file_name == "libcuda.so.550.54.14"
 
 
+def test_ldcache_key_with_a_slash_is_never_a_library_name(tmp_path: Path) -> None:
+    """The cache key becomes a file name under the container's library directories: a crafted
+    cache whose key holds a slash must not steer a mount destination elsewhere."""
+    import dataclasses
+
+    host = build_fake_host(tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("utility", "compute"),
+                           with_nvml=False)
+    good = [e for e in read_ldcache(str(host.path("/etc/ld.so.cache"))) if e.key == "libcuda.so.1"]
+    assert len(good) == 1
+    crafted = dataclasses.replace(good[0], key="libcuda.so/../../../etc/ld.so.preload")
+    libs = select_libraries([crafted], host.roots.driver_root, "x86-64", "550.54.14")
+    assert "compute" not in libs
+    libs = select_libraries([crafted, good[0]], host.roots.driver_root, "x86-64", "550.54.14")
+    assert [lib.soname for lib in libs["compute"]] == ["libcuda.so.1"]
+
+
 def test_library_symlink_escaping_driver_root(tmp_path: Path) -> None:
     host = build_fake_host(tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("utility", "compute"),
                            with_nvml=False)
