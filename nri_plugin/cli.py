@@ -320,6 +320,7 @@ async def _serve(
     import signal
 
     from nri_plugin import logs
+    from nri_plugin.errors import ConfigError
     from nri_plugin.metrics import StubCounts
     from nri_plugin.notify import Notifier
     from nri_plugin.plugin import GpuPlugin
@@ -381,6 +382,8 @@ async def _serve(
     code = EXIT_OK
     try:
         await stub.run()
+    except ConfigError:  # e.g. NRI_PLUGIN_SOCKET is no socket: cmd_run reports it, exit 2
+        raise
     except Exception as e:
         logger.exception("plugin stopped on an unexpected error", e)
         code = 1

@@ -26,6 +26,7 @@ Handler = Callable[[bytes], Awaitable[bytes]]
 """Takes the serialized request message, returns the serialized response message."""
 
 READ_SIZE = 256 * 1024
+CLOSE_FLUSH_TIMEOUT = 1.0  # seconds close() lets unsent bytes drain before dropping them
 
 
 class ConnectionClosed(NriPluginError):
@@ -188,8 +189,8 @@ class Connection:
         fut: asyncio.Future[ttrpc.ResponseReceived] = asyncio.get_running_loop().create_future()
         self._calls[stream_id] = fut
         try:
-            await self._write(mux.encode_message(mux.RUNTIME_SERVICE_CONN, message))
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout):  # the write too: a runtime that reads nothing
+                await self._write(mux.encode_message(mux.RUNTIME_SERVICE_CONN, message))
                 response = await fut
         except TimeoutError:
             raise RpcError(
@@ -218,8 +219,12 @@ class Connection:
                 task.cancel()
         if self._writer is not None:
             self._writer.close()
-            with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
+            try:  # flushes what is still buffered, unless the peer has stopped reading
+                async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
+                    with contextlib.suppress(Exception):
+                        await self._writer.wait_closed()
+            except TimeoutError:
+                self._writer.transport.abort()
         else:
             self._sock.close()
         if self._on_close is not None:

@@ -32,6 +32,7 @@ HEADER = struct.Struct(">IIBB")
 HEADER_SIZE = HEADER.size  # 10
 
 MESSAGE_LENGTH_MAX = 4 << 20  # data bytes, header excluded
+ERROR_MESSAGE_MAX = MESSAGE_LENGTH_MAX // 2  # UTF-8 bytes of an error status message we send
 
 TYPE_REQUEST = 1
 TYPE_RESPONSE = 2
@@ -245,8 +246,11 @@ class ServerConnection:
     def send_error(self, stream_id: int, code: int, message: str) -> bytes:
         if code == Code.OK:
             raise ValueError("send_error needs a non-zero status code")
-        # Keep an error answer itself within the limit whatever the message.
-        return encode_response(stream_id, code=code, message=message[: MESSAGE_LENGTH_MAX // 2])
+        # The answer must always encode, whatever the text (which may quote container input or a
+        # non-UTF-8 host file name): without one the runtime times out and goes on without us.
+        # Cut to a byte budget on a character boundary; replace what UTF-8 cannot carry.
+        data = message.encode("utf-8", "replace")[:ERROR_MESSAGE_MAX]
+        return encode_response(stream_id, code=code, message=data.decode("utf-8", "ignore"))
 
 
 # --- client side (mux conn 2) -----------------------------------------------------------------

@@ -403,3 +403,34 @@ def test_run_with_bad_config_exits_2_and_logs_when_launched(
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
     assert "configuration error; not starting" in log.read_text()
+
+
+def test_launched_with_a_socket_fd_that_is_not_a_socket_is_a_configuration_error(
+    tmp_path: Path, host: FakeHost
+) -> None:
+    """Exit 2 ("usage or configuration error", as documented), not 1 with an "unexpected error"
+    traceback, when NRI_PLUGIN_SOCKET names a file descriptor that is no socket."""
+    log = tmp_path / "plugin.log"
+    with open(tmp_path / "not-a-socket", "w") as f:
+        fd = f.fileno()
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nri_plugin",
+                "run",
+                f"--log-file={log}",
+                "--no-nvml",
+                *host_args(host.root),
+            ],
+            env={**os.environ, "NRI_PLUGIN_SOCKET": str(fd), "NVIDIA_CTK_CONFIG_FILE_PATH": "/nonexistent"},
+            pass_fds=(fd,),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    content = log.read_text()
+    assert proc.returncode == 2, content
+    assert f"NRI_PLUGIN_SOCKET={fd} is not a usable socket" in content
+    assert "configuration error; not starting" in content and "unexpected error" not in content

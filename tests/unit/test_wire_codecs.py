@@ -312,3 +312,28 @@ def test_header_layouts() -> None:
         ttrpc.encode_message(0x01020304, 2, b"ab", flags=4)
         == struct.pack(">IIBB", 2, 0x01020304, 2, 4) + b"ab"
     )
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "\u4e2d" * 2_000_000,  # 6 MB of UTF-8 in 2 M characters: past the limit however it is counted
+        # the capability error quotes the image's value twice: a 3 MB env value (the NRI request
+        # still fits in 4 MiB) gives 6 MB of text
+        "unsupported capabilities found in '{v}' (allowed '{v}')".format(v="\u4e2d" * 1_000_000),
+        "no such file /usr/lib/libcuda.so.\udcff",  # a non-UTF-8 host file name, as os.fsdecode gives it
+    ],
+)
+def test_error_response_always_encodes_within_the_limit(message: str) -> None:
+    """A handler's error text (container- or host-controlled) must always become an answer: if
+    encoding it raised, the runtime would get no reply, time out and create the container without
+    this plugin (fail-open)."""
+    reply = ttrpc.ServerConnection().send_error(5, ttrpc.Code.UNKNOWN, message)
+    length, sid, mtype, _ = ttrpc.HEADER.unpack_from(reply)
+    assert length <= ttrpc.MESSAGE_LENGTH_MAX and len(reply) == ttrpc.HEADER_SIZE + length
+    resp = ttrpc_pb2.Response.FromString(reply[ttrpc.HEADER_SIZE :])
+    assert (sid, mtype, resp.status.code, resp.payload) == (5, ttrpc.TYPE_RESPONSE, 2, b"")
+    sent = resp.status.message
+    assert sent and len(sent.encode()) <= ttrpc.MESSAGE_LENGTH_MAX // 2
+    valid = message.encode("utf-8", "replace").decode()
+    assert valid.startswith(sent)

@@ -530,3 +530,120 @@ def test_large_response_is_framed_for_the_go_reader() -> None:
         await serve
 
     run(scenario())
+
+
+def test_handler_error_that_cannot_be_sent_verbatim_still_gets_an_answer() -> None:
+    """An error text too large (or not encodable) for a ttrpc Response is cut down, never dropped:
+    without an answer the runtime times out and creates the container without us (fail-open)."""
+    huge = "\u4e2d" * 2_000_000
+
+    async def refuse(payload: bytes) -> bytes:
+        raise ContainerError(f"unsupported capabilities found in '{huge}'")
+
+    async def host_name(payload: bytes) -> bytes:
+        raise ContainerError("cannot read /usr/lib/libnvidia-ml.so.\udcff")
+
+    async def scenario() -> None:
+        handlers = {(PLUGIN_SERVICE, "CreateContainer"): refuse, (PLUGIN_SERVICE, "Other"): host_name}
+        conn, serve, theirs, _ = await connection_pair(handlers)
+        rt = await FakeRuntime.over(theirs)
+        r = await rt.call("CreateContainer", api.CreateContainerRequest())
+        assert r.code == ttrpc.Code.UNKNOWN and r.message.startswith("unsupported capabilities found in '")
+        r = await rt.call("Other", api.Empty())
+        assert r.code == ttrpc.Code.UNKNOWN and r.message.startswith("cannot read /usr/lib/libnvidia-ml.so.")
+        await conn.close()
+        await serve
+        await rt.close()
+
+    run(scenario())
+
+
+def test_a_runtime_that_stops_reading_cannot_wedge_calls_or_close() -> None:
+    """A wedged runtime (alive, socket open, reading nothing) must not hang a call past its timeout,
+    nor ``close()``, which ``Stub.stop()`` (SIGTERM) and a failed registration wait for."""
+    big = b"x" * ((4 << 20) - 64)
+
+    async def answer_big(payload: bytes) -> bytes:
+        return big
+
+    async def scenario() -> None:
+        conn, serve, theirs, reasons = await connection_pair({(PLUGIN_SERVICE, "Big"): answer_big})
+        client = ttrpc.ClientConnection()
+        for _ in range(4):  # ~16 MiB of answers: far more than the socket buffers hold
+            _, message = client.send_request(PLUGIN_SERVICE, "Big", b"")
+            theirs.sendall(mux.encode_message(mux.PLUGIN_SERVICE_CONN, message))
+        await asyncio.sleep(0.3)  # the answers are written until the socket is full, then wait
+        with pytest.raises(ttrpc.RpcError) as info:
+            async with asyncio.timeout(3):
+                await conn.call(RUNTIME_SERVICE, "RegisterPlugin", b"", timeout=0.2)
+        assert info.value.code == ttrpc.Code.DEADLINE_EXCEEDED
+        async with asyncio.timeout(3):
+            await conn.close("plugin stopped")
+            assert await serve == "plugin stopped"
+        assert reasons == ["plugin stopped"]
+        theirs.close()
+
+    run(scenario())
+
+
+def test_hung_handler_then_runtime_timeout_reconnects_cleanly(tmp_path: Path) -> None:
+    """containerd answers a handler that misses its 2 s request timeout by closing the plugin's
+    connection; the external stub must drop the hung call, reconnect and serve the next runtime."""
+    hung = asyncio.Event()
+
+    class Hangs(Recorder):
+        async def create_container(
+            self, pod: api.PodSandbox, container: api.Container
+        ) -> api.CreateContainerResponse:
+            if "HANG=1" in container.env:
+                hung.set()
+                await asyncio.Event().wait()
+            return await super().create_container(pod, container)
+
+    plugin = Hangs()
+    path = str(tmp_path / "nri.sock")
+
+    async def accept_one() -> FakeRuntime:
+        if os.path.exists(path):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        listener.setblocking(False)
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                conn, _ = await asyncio.get_running_loop().sock_accept(listener)
+        finally:
+            listener.close()
+        return await FakeRuntime.over(conn)
+
+    async def register(rt: FakeRuntime) -> None:
+        await rt.register_and_configure(runtime_name="containerd", runtime_version="v2.1.0")
+        assert (await rt.call("Synchronize", api.SynchronizeRequest())).ok
+
+    async def scenario() -> None:
+        stub = Stub(plugin, name="gpu", index="10", socket_path=path, logger=logging.getLogger("t"))
+        task = asyncio.create_task(stub.run())
+        rt = await accept_one()
+        await register(rt)
+        pending = await rt.start_call(
+            "CreateContainer", api.CreateContainerRequest(pod=pod(1), container=ctr(1, env=("HANG=1",)))
+        )
+        async with asyncio.timeout(TIMEOUT):
+            await hung.wait()
+        await rt.close()  # the runtime's request timeout: "closing plugin ..."
+        assert not pending.done()
+        rt = await accept_one()
+        await register(rt)
+        async with asyncio.timeout(TIMEOUT):
+            while stub.registrations < 2:
+                await asyncio.sleep(0.01)
+        r = await rt.call("CreateContainer", api.CreateContainerRequest(pod=pod(2), container=ctr(2)))
+        assert r.ok and api.CreateContainerResponse.FromString(r.payload).adjust.env[0].value == "ctr2"
+        assert (stub.reconnects, plugin.disconnected_calls) == (1, 1)
+        stub.stop()
+        async with asyncio.timeout(TIMEOUT):
+            await task
+        await rt.close()
+
+    run(scenario())
