@@ -23,7 +23,8 @@ Schema (identical in the file and the NRI config string):
   ``accept-nvidia-visible-devices-as-volume-mounts`` (bool, false), ``swarm-resource`` (string, ""),
   ``supported-driver-capabilities`` (string), ``disable-require`` (bool, false);
 * ``[nvidia-container-cli]``: ``root`` (driver root, "" = "/"), ``ldcache`` (a path inside the driver
-  root, "" = ``/etc/ld.so.cache``); every other key of that table is the toolkit's and is ignored;
+  root, "" = ``/etc/ld.so.cache``); the toolkit's other keys of that table (``path``, ``environment``,
+  ``debug``, ``load-kmods``, ``no-pivot``, ``no-cgroups``, ``user``, ``ldconfig``) are ignored;
 * the toolkit's other tables (``[nvidia-container-runtime]``, ``[nvidia-container-runtime-hook]``,
   ``[nvidia-ctk]``, ``[features]``) are accepted and ignored;
 * ``[nri-plugin]``: our own keys, see ``_OWN_KEYS``.
@@ -238,6 +239,11 @@ _OWN_KEYS: Mapping[str, _Key] = {
     "metrics-address": _k("metrics_address", _STR, _is_str, _address),
     "mps-pipe-dir": _k("mps_pipe_dir", _STR, _is_str, _abs_path),
 }
+# The toolkit's other [nvidia-container-cli] keys (api/config/v1 CLIConfig): meaningful to
+# nvidia-container-cli only, accepted so an existing config.toml can be shared, and ignored.
+_IGNORED_CLI_KEYS = frozenset(
+    {"path", "environment", "debug", "load-kmods", "no-pivot", "no-cgroups", "user", "ldconfig"}
+)
 # Toolkit tables we accept and ignore entirely.
 _IGNORED_TABLES = frozenset(
     {"nvidia-container-runtime", "nvidia-container-runtime-hook", "nvidia-ctk", "features"}
@@ -295,8 +301,15 @@ def layer_from_mapping(doc: Mapping[str, object], source: str) -> Layer:
                 if sub in _CLI_KEYS:
                     spec = _CLI_KEYS[sub]
                     values[spec.attr] = _convert(spec, dotted, subval, source)
-                else:
+                elif sub in _IGNORED_CLI_KEYS:
                     ignored.append(dotted)
+                else:
+                    # A typo here (`roots = ...`) would silently leave the driver root at "/".
+                    raise ConfigError(
+                        f"{source}: unknown key {dotted!r}; [{key}] keys are "
+                        f"{', '.join(sorted([*_CLI_KEYS, *_IGNORED_CLI_KEYS]))} "
+                        f"(only {', '.join(sorted(_CLI_KEYS))} are used by this plugin)"
+                    )
         elif key in _IGNORED_TABLES:
             ignored.append(key)
         elif key == OWN_TABLE:

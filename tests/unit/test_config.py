@@ -254,3 +254,12 @@ def test_host_root_prefixes_read_roots_but_not_procfs() -> None:
     )
     with pytest.raises(ConfigError, match="host-root"):
         cfg.build(cfg.parse_toml('[nri-plugin]\nhost-root = "relative"\n', "f"))
+
+
+def test_unknown_nvidia_container_cli_key_is_an_error_not_a_silent_default() -> None:
+    # A typo of `root` must not quietly leave the driver root at "/".
+    with pytest.raises(ConfigError, match=r"unknown key 'nvidia-container-cli.roots'.*root"):
+        cfg.build(cfg.parse_toml('[nvidia-container-cli]\nroots = "/run/nvidia/driver"\n', "f"))
+    # The toolkit's own keys of that table are still accepted and ignored.
+    layer = cfg.parse_toml('[nvidia-container-cli]\nload-kmods = true\nldconfig = "@/sbin/ldconfig"\n', "f")
+    assert set(layer.ignored) == {"nvidia-container-cli.load-kmods", "nvidia-container-cli.ldconfig"}
