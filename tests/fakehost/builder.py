@@ -109,8 +109,13 @@ COMPAT32_STEMS = frozenset(
     }
 )
 LIB32_DIR = "/usr/lib/i386-linux-gnu"
-BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
-            "nvidia-cuda-mps-server")
+BINARIES = (
+    "nvidia-smi",
+    "nvidia-debugdump",
+    "nvidia-persistenced",
+    "nvidia-cuda-mps-control",
+    "nvidia-cuda-mps-server",
+)
 MIG_GI_PER_GPU = 15  # mig-minors numbering: per GPU 15 GIs x (1 access + 8 CI access) minors
 MIG_CI_PER_GI = 8
 

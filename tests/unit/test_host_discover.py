@@ -163,22 +163,37 @@ def test_injected_nvml_query(full_host: FakeHost) -> None:
 
 def test_no_driver_host_returns_none(tmp_path: Path) -> None:
     (tmp_path / "proc").mkdir()
-    roots = HostRoots(driver_root=str(tmp_path), dev_root=str(tmp_path), proc_root=str(tmp_path / "proc"),
-                      run_root=str(tmp_path))
+    roots = HostRoots(
+        driver_root=str(tmp_path),
+        dev_root=str(tmp_path),
+        proc_root=str(tmp_path / "proc"),
+        run_root=str(tmp_path),
+    )
     assert discover(roots) is None
     reason = explain_no_driver(roots)
     assert "no NVIDIA driver found" in reason and str(tmp_path) in reason and "driver root" in reason
 
 
 def test_no_driver_with_unrelated_ldcache(tmp_path: Path) -> None:
-    host = build_fake_host(tmp_path / "r", gpus=[], capabilities_libs=("video",), with_nvml=False,
-                           with_proc=False, device_nodes=False)
+    host = build_fake_host(
+        tmp_path / "r",
+        gpus=[],
+        capabilities_libs=("video",),
+        with_nvml=False,
+        with_proc=False,
+        device_nodes=False,
+    )
     assert discover(host.roots) is None
 
 
 def test_kernel_module_not_loaded_still_finds_libraries(tmp_path: Path) -> None:
-    host = build_fake_host(tmp_path / "r", gpus=make_gpus(1), with_proc=False, device_nodes=False,
-                           capabilities_libs=("utility", "compute"))
+    host = build_fake_host(
+        tmp_path / "r",
+        gpus=make_gpus(1),
+        with_proc=False,
+        device_nodes=False,
+        capabilities_libs=("utility", "compute"),
+    )
     host.write_nvml_config(["init_error 9"])
     snap = discover(host.roots)
     assert snap is not None and snap.gpus == () and snap.driver_version == "550.54.14"
@@ -194,8 +209,9 @@ def test_corrupt_ldcache_raises(tmp_path: Path) -> None:
 
 
 def test_version_suffix_filter_and_later_entry_wins(tmp_path: Path) -> None:
-    host = build_fake_host(tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("utility", "compute"),
-                           with_nvml=False)
+    host = build_fake_host(
+        tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("utility", "compute"), with_nvml=False
+    )
     # A stale libcuda from an older driver in a second directory listed first in ld.so.conf ...
     stale_dir = host.path("/usr/lib/stale")
     stale_dir.mkdir()
@@ -225,8 +241,9 @@ def test_ldcache_key_with_a_slash_is_never_a_library_name(tmp_path: Path) -> Non
     cache whose key holds a slash must not steer a mount destination elsewhere."""
     import dataclasses
 
-    host = build_fake_host(tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("utility", "compute"),
-                           with_nvml=False)
+    host = build_fake_host(
+        tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("utility", "compute"), with_nvml=False
+    )
     good = [e for e in read_ldcache(str(host.path("/etc/ld.so.cache"))) if e.key == "libcuda.so.1"]
     assert len(good) == 1
     crafted = dataclasses.replace(good[0], key="libcuda.so/../../../etc/ld.so.preload")
@@ -237,8 +254,9 @@ def test_ldcache_key_with_a_slash_is_never_a_library_name(tmp_path: Path) -> Non
 
 
 def test_library_symlink_escaping_driver_root(tmp_path: Path) -> None:
-    host = build_fake_host(tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("utility", "compute"),
-                           with_nvml=False)
+    host = build_fake_host(
+        tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("utility", "compute"), with_nvml=False
+    )
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "libcuda.so.550.54.14").write_text("not in the root")
@@ -258,8 +276,14 @@ def test_groups_match_reference_names() -> None:
 
 
 def test_no_sockets_no_firmware(tmp_path: Path) -> None:
-    host = build_fake_host(tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("utility",),
-                           with_sockets=False, with_firmware=False, with_binaries=False)
+    host = build_fake_host(
+        tmp_path / "r",
+        gpus=make_gpus(1),
+        capabilities_libs=("utility",),
+        with_sockets=False,
+        with_firmware=False,
+        with_binaries=False,
+    )
     host.path("/run/nvidia-fabricmanager").mkdir(parents=True)
     host.path("/run/nvidia-fabricmanager/socket").write_text("a regular file is not a socket")
     snap = discover(host.roots, use_nvml=False)
@@ -271,8 +295,9 @@ def test_no_sockets_no_firmware(tmp_path: Path) -> None:
 
 
 def test_var_run_socket_and_custom_mps_dir(tmp_path: Path) -> None:
-    host = build_fake_host(tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("utility",),
-                           with_sockets=False)
+    host = build_fake_host(
+        tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("utility",), with_sockets=False
+    )
     sock = host.path("/var/run/nvidia-persistenced/socket")
     sock.parent.mkdir(parents=True)
     os.mknod(sock, stat.S_IFSOCK | 0o666)

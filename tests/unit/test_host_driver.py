@@ -87,8 +87,12 @@ def test_failed_refresh_keeps_previous_snapshot(host: FakeHost) -> None:
 
 
 def test_no_driver_reason(tmp_path: Path) -> None:
-    roots = HostRoots(driver_root=str(tmp_path), dev_root=str(tmp_path), proc_root=str(tmp_path / "proc"),
-                      run_root=str(tmp_path))
+    roots = HostRoots(
+        driver_root=str(tmp_path),
+        dev_root=str(tmp_path),
+        proc_root=str(tmp_path / "proc"),
+        run_root=str(tmp_path),
+    )
     drv = HostDriver(roots)
     assert drv.refresh() is False  # None -> None
     assert drv.snapshot() is None

@@ -26,14 +26,25 @@ def _nvml_lib(host: FakeHost) -> str:
 
 def _small_host(root: Path, gpus: list[FakeGpu], **kw: object) -> FakeHost:
     return build_fake_host(
-        root, gpus=gpus, capabilities_libs=("utility",), device_nodes=False, with_binaries=False,
-        with_sockets=False, with_firmware=False, **kw,  # type: ignore[arg-type]
+        root,
+        gpus=gpus,
+        capabilities_libs=("utility",),
+        device_nodes=False,
+        with_binaries=False,
+        with_sockets=False,
+        with_firmware=False,
+        **kw,  # type: ignore[arg-type]
     )
 
 
 def test_one_gpu(tmp_path: Path) -> None:
-    gpu = FakeGpu(minor=0, uuid="GPU-a1b2c3d4-0000-1111-2222-333344445555", bus_id="0000:3B:00.0",
-                  name="NVIDIA H100 80GB HBM3", cc=(9, 0))
+    gpu = FakeGpu(
+        minor=0,
+        uuid="GPU-a1b2c3d4-0000-1111-2222-333344445555",
+        bus_id="0000:3B:00.0",
+        name="NVIDIA H100 80GB HBM3",
+        cc=(9, 0),
+    )
     host = _small_host(tmp_path / "r", [gpu], driver_version="550.54.14", cuda_version=12040)
     info = query_nvml(_nvml_lib(host))
     assert info.driver_version == "550.54.14"
@@ -70,10 +81,12 @@ def test_mig_devices(tmp_path: Path) -> None:
     ]
     gpus = [
         FakeGpu(minor=2, uuid="GPU-aaaaaaaa-0000-0000-0000-000000000002", bus_id="0000:07:00.0", mig=migs),
-        FakeGpu(minor=0, uuid="GPU-aaaaaaaa-0000-0000-0000-000000000000", bus_id="0000:0f:00.0",
-                mig_mode=(1, 0)),  # enabled but a disable is pending: not MIG-enabled
-        FakeGpu(minor=1, uuid="GPU-aaaaaaaa-0000-0000-0000-000000000001", bus_id="0000:47:00.0",
-                mig_mode=(0, 1)),
+        FakeGpu(
+            minor=0, uuid="GPU-aaaaaaaa-0000-0000-0000-000000000000", bus_id="0000:0f:00.0", mig_mode=(1, 0)
+        ),  # enabled but a disable is pending: not MIG-enabled
+        FakeGpu(
+            minor=1, uuid="GPU-aaaaaaaa-0000-0000-0000-000000000001", bus_id="0000:47:00.0", mig_mode=(0, 1)
+        ),
     ]
     host = _small_host(tmp_path / "r", gpus)
     info = query_nvml(_nvml_lib(host))
@@ -102,8 +115,9 @@ def test_hang_times_out(tmp_path: Path) -> None:
 
 
 def test_library_that_is_not_nvml(tmp_path: Path) -> None:
-    host = build_fake_host(tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("compute",),
-                           device_nodes=False)
+    host = build_fake_host(
+        tmp_path / "r", gpus=make_gpus(1), capabilities_libs=("compute",), device_nodes=False
+    )
     with pytest.raises(HostDiscoveryError, match="failed"):
         query_nvml(str(host.path(f"{host.lib_dir}/libcuda.so.1")))
     with pytest.raises(HostDiscoveryError, match="cannot load"):
@@ -123,8 +137,16 @@ def test_parse_json_errors() -> None:
 
 
 def test_brand_and_cuda_helpers() -> None:
-    assert [brand_name(i) for i in range(8)] == ["Unknown", "Quadro", "Tesla", "NVS", "GRID", "GeForce",
-                                                  "TITAN", "Unknown"]
+    assert [brand_name(i) for i in range(8)] == [
+        "Unknown",
+        "Quadro",
+        "Tesla",
+        "NVS",
+        "GRID",
+        "GeForce",
+        "TITAN",
+        "Unknown",
+    ]
     assert cuda_version_string(12040) == "12.4"
     assert cuda_version_string(11080) == "11.8"
     assert cuda_version_string(12090) == "12.9"

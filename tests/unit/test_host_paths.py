@@ -108,8 +108,9 @@ _targets = st.lists(_names, min_size=0, max_size=4).flatmap(
     links=st.dictionaries(st.sampled_from(["a", "b", "c", "d/e"]), _targets, max_size=4),
     query=st.lists(_names, min_size=0, max_size=6),
 )
-def test_property_never_escapes(tmp_path_factory: pytest.TempPathFactory, links: dict[str, str],
-                                query: list[str]) -> None:
+def test_property_never_escapes(
+    tmp_path_factory: pytest.TempPathFactory, links: dict[str, str], query: list[str]
+) -> None:
     base = tmp_path_factory.mktemp("prop")
     root = base / "root"
     (root / "d").mkdir(parents=True)

@@ -66,7 +66,7 @@ def test_mig_minors() -> None:
 def test_key_values_and_capability_file() -> None:
     kv = parse_key_values("DeviceFileMinor: 1\nDeviceFileMode: 256\nDeviceFileModify: 1\nno colon here\n")
     assert kv == {"DeviceFileMinor": "1", "DeviceFileMode": "256", "DeviceFileModify": "1"}
-    params = parse_key_values("ModifyDeviceFiles: 1\nRegistryDwords: \"a=1;b=2\"\n")
+    params = parse_key_values('ModifyDeviceFiles: 1\nRegistryDwords: "a=1;b=2"\n')
     assert params["ModifyDeviceFiles"] == "1"
     assert params["RegistryDwords"] == '"a=1;b=2"'
 

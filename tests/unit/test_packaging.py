@@ -338,8 +338,9 @@ def test_configmap_is_accepted_by_the_plugin_config_loader() -> None:
     command = plugin_container()["command"]
     config_path = command[command.index("--config") + 1]
     assert os.path.dirname(config_path) == mounts["config"]
-    assert pod["volumes"][[v["name"] for v in pod["volumes"]].index("config")]["configMap"]["name"] == (
-        find("ConfigMap")["metadata"]["name"]
+    assert (
+        pod["volumes"][[v["name"] for v in pod["volumes"]].index("config")]["configMap"]["name"]
+        == (find("ConfigMap")["metadata"]["name"])
     )
 
 
@@ -394,7 +395,10 @@ def test_real_containerd_accepts_snippet(series: str, snippet: str) -> None:
         pytest.skip(f"no containerd {series} in {E2E_CACHE} (scripts/fetch-e2e-deps downloads it)")
     res = subprocess.run(
         [str(binary), "--config", str(DEPLOY / snippet), "config", "dump"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert res.returncode == 0, res.stderr
     assert "level=warning" not in res.stderr and "level=error" not in res.stderr, res.stderr

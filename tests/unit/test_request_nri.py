@@ -13,8 +13,13 @@ from nri_plugin.request.resolve import resolve_request
 from nri_plugin.wire._gen import api_pb2
 
 
-def rule(allow: bool = True, type_: str = "", major: int | None = None, minor: int | None = None,
-         access: str = "rwm") -> api_pb2.LinuxDeviceCgroup:
+def rule(
+    allow: bool = True,
+    type_: str = "",
+    major: int | None = None,
+    minor: int | None = None,
+    access: str = "rwm",
+) -> api_pb2.LinuxDeviceCgroup:
     r = api_pb2.LinuxDeviceCgroup(allow=allow, type=type_, access=access)
     if major is not None:
         r.major.value = major
@@ -23,8 +28,11 @@ def rule(allow: bool = True, type_: str = "", major: int | None = None, minor: i
     return r
 
 
-def container(*rules: api_pb2.LinuxDeviceCgroup, env: list[str] | None = None,
-              mounts: list[tuple[str, str]] | None = None) -> api_pb2.Container:
+def container(
+    *rules: api_pb2.LinuxDeviceCgroup,
+    env: list[str] | None = None,
+    mounts: list[tuple[str, str]] | None = None,
+) -> api_pb2.Container:
     c = api_pb2.Container(id="c1", env=env or [])
     for source, destination in mounts or []:
         c.mounts.append(api_pb2.Mount(source=source, destination=destination, type="bind", options=["rbind"]))

@@ -49,8 +49,9 @@ CUDA_11_8 = (
 )
 
 
-def facts(cuda: str | None = None, driver: str | None = None, arch: str | None = None,
-          brand: str | None = None) -> HostFacts:
+def facts(
+    cuda: str | None = None, driver: str | None = None, arch: str | None = None, brand: str | None = None
+) -> HostFacts:
     return HostFacts(cuda=cuda, driver=driver, arch=arch, brand=brand)
 
 
@@ -66,6 +67,7 @@ def holds(expr: str, f: HostFacts) -> bool:
 # ------------------------------------------------------------------------------------------
 # CUDA image strings
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("host", "ok"),
@@ -110,19 +112,38 @@ def test_cuda_image_string_parses_strictly() -> None:
 # Operators and version comparison
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("host", "op", "wanted", "expected"),
     [
-        ("12.4", "=", "12.4", True), ("12.4", "=", "12.4.0", True), ("12.4", "=", "12.04", True),
-        ("12.4", "=", "12.5", False), ("12", "=", "12.0.0", True), ("12.0.1", "=", "12", False),
-        ("12.4", "!=", "12.4", False), ("12.4", "!=", "12.40", True), ("12", "!=", "12.0", False),
-        ("12.4", "<", "12.5", True), ("12.4", "<", "12.4", False), ("12.4", "<", "12.4.1", True),
-        ("12.10", "<", "12.9", False), ("12.4.0", "<", "12.4", False),
-        ("12.4", "<=", "12.4", True), ("12.4", "<=", "12.3", False), ("12.4", "<=", "12.4.0.0", True),
-        ("12.4", ">", "12.3", True), ("12.4", ">", "12.4", False), ("12.4.1", ">", "12.4", True),
-        ("12.10", ">", "12.9", True), ("470.57.02", ">", "470.57.1", True),
-        ("12.4", ">=", "12.4", True), ("12.4", ">=", "12.5", False), ("550.54.14", ">=", "470", True),
-        ("12.0.10", ">=", "12", True), ("", "=", "0", True), ("1..2", "=", "1.2", True),
+        ("12.4", "=", "12.4", True),
+        ("12.4", "=", "12.4.0", True),
+        ("12.4", "=", "12.04", True),
+        ("12.4", "=", "12.5", False),
+        ("12", "=", "12.0.0", True),
+        ("12.0.1", "=", "12", False),
+        ("12.4", "!=", "12.4", False),
+        ("12.4", "!=", "12.40", True),
+        ("12", "!=", "12.0", False),
+        ("12.4", "<", "12.5", True),
+        ("12.4", "<", "12.4", False),
+        ("12.4", "<", "12.4.1", True),
+        ("12.10", "<", "12.9", False),
+        ("12.4.0", "<", "12.4", False),
+        ("12.4", "<=", "12.4", True),
+        ("12.4", "<=", "12.3", False),
+        ("12.4", "<=", "12.4.0.0", True),
+        ("12.4", ">", "12.3", True),
+        ("12.4", ">", "12.4", False),
+        ("12.4.1", ">", "12.4", True),
+        ("12.10", ">", "12.9", True),
+        ("470.57.02", ">", "470.57.1", True),
+        ("12.4", ">=", "12.4", True),
+        ("12.4", ">=", "12.5", False),
+        ("550.54.14", ">=", "470", True),
+        ("12.0.10", ">=", "12", True),
+        ("", "=", "0", True),
+        ("1..2", "=", "1.2", True),
     ],
 )
 def test_version_operators(host: str, op: str, wanted: str, expected: bool) -> None:
@@ -133,9 +154,13 @@ def test_version_operators(host: str, op: str, wanted: str, expected: bool) -> N
 @pytest.mark.parametrize(
     ("expr", "brand", "expected"),
     [
-        ("brand=tesla", "Tesla", True), ("brand=TESLA", "tesla", True), ("brand=tesla", "GeForce", False),
-        ("brand!=tesla", "Tesla", False), ("brand!=tesla", "GeForce", True),
-        ("BRAND=Quadro", "quadro", True), ("brand=é", "É", False),  # ASCII case folding only
+        ("brand=tesla", "Tesla", True),
+        ("brand=TESLA", "tesla", True),
+        ("brand=tesla", "GeForce", False),
+        ("brand!=tesla", "Tesla", False),
+        ("brand!=tesla", "GeForce", True),
+        ("BRAND=Quadro", "quadro", True),
+        ("brand=é", "É", False),  # ASCII case folding only
     ],
 )
 def test_brand_operators(expr: str, brand: str, expected: bool) -> None:
@@ -156,6 +181,7 @@ def test_keys_are_case_insensitive() -> None:
 # ------------------------------------------------------------------------------------------
 # Grammar
 # ------------------------------------------------------------------------------------------
+
 
 def test_space_is_or_comma_is_and() -> None:
     f = facts(cuda="11.0", driver="450.80", brand="Tesla")
@@ -201,6 +227,7 @@ def test_too_many_requirements() -> None:
 # Unknown facts
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("expr", ["cuda>=99", "driver<1", "arch=1.0", "brand=nvs", "cuda>=abc", "brand<x"])
 def test_unknown_fact_makes_term_true_without_checking_value(expr: str) -> None:
     check_requirement(expr, facts())
@@ -218,8 +245,22 @@ def test_known_fact_checks_value() -> None:
 # ------------------------------------------------------------------------------------------
 
 INVALID = [
-    "gpu>=1", "cud>=1", "cuda", ">=1", "=tesla", "cuda>=", "cuda==12", "cuda=>12", "cuda<>12", "cuda!==1",
-    "cuda>=1a", "cuda>=.5", "cuda>=-1", "driver>=18446744073709551615", "brand>tesla", "arch>=8,0x",
+    "gpu>=1",
+    "cud>=1",
+    "cuda",
+    ">=1",
+    "=tesla",
+    "cuda>=",
+    "cuda==12",
+    "cuda=>12",
+    "cuda<>12",
+    "cuda!==1",
+    "cuda>=1a",
+    "cuda>=.5",
+    "cuda>=-1",
+    "driver>=18446744073709551615",
+    "brand>tesla",
+    "arch>=8,0x",
 ]
 
 
@@ -266,6 +307,7 @@ def test_nul_character_is_invalid() -> None:
 # ------------------------------------------------------------------------------------------
 # Messages
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("expr", "message"),
@@ -314,8 +356,32 @@ def test_version_comparison_is_numeric(host: list[int], wanted: list[int], op: s
 
 
 TOKENS = st.sampled_from(
-    ["cuda", "driver", "arch", "brand", "CUDA", "x", "=", "!=", "<", "<=", ">", ">=", "!", "12", "12.4", ".",
-     "470", "tesla", ",", " ", "  ", "0", "é", "-"]
+    [
+        "cuda",
+        "driver",
+        "arch",
+        "brand",
+        "CUDA",
+        "x",
+        "=",
+        "!=",
+        "<",
+        "<=",
+        ">",
+        ">=",
+        "!",
+        "12",
+        "12.4",
+        ".",
+        "470",
+        "tesla",
+        ",",
+        " ",
+        "  ",
+        "0",
+        "é",
+        "-",
+    ]
 )
 
 

@@ -52,9 +52,7 @@ def _run(case: Case) -> GpuRequest | None:
 SEED_BRANCHES: dict[str, Case] = {
     # getEnvMap
     "env_split_at_first_equals": Case(["NVIDIA_VISIBLE_DEVICES=a=b"], devices="a=b"),
-    "env_later_duplicate_wins": Case(
-        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_VISIBLE_DEVICES=1"], devices="1"
-    ),
+    "env_later_duplicate_wins": Case(["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_VISIBLE_DEVICES=1"], devices="1"),
     "env_empty_list": Case([], devices=None),
     # isLegacyCUDAImage + getDevicesFromEnvvar
     "envvar_unset_legacy_defaults_to_all": Case(["CUDA_VERSION=10.1"], devices="all"),
@@ -95,11 +93,11 @@ SEED_BRANCHES: dict[str, Case] = {
         ["NVIDIA_VISIBLE_DEVICES=0"], privileged=False, devices="0"
     ),
     # getDevicesFromMounts
-    "mounts_ignored_unless_accepted": Case(
-        [], mounts=[Mount("/dev/null", ROOT + "/0")], devices=None
-    ),
+    "mounts_ignored_unless_accepted": Case([], mounts=[Mount("/dev/null", ROOT + "/0")], devices=None),
     "mounts_request_devices": Case(
-        [], config=VOL, mounts=[Mount("/dev/null", ROOT + "/0"), Mount("/dev/null", ROOT + "/GPU-1")],
+        [],
+        config=VOL,
+        mounts=[Mount("/dev/null", ROOT + "/0"), Mount("/dev/null", ROOT + "/GPU-1")],
         devices="0,GPU-1",
     ),
     "mounts_source_must_be_dev_null": Case(
@@ -109,7 +107,9 @@ SEED_BRANCHES: dict[str, Case] = {
         [], config=VOL, mounts=[Mount("/dev/../dev//./null", ROOT + "/0")], devices="0"
     ),
     "mounts_destination_is_cleaned": Case(
-        [], config=VOL, mounts=[Mount("/dev/null", "/var/run//x/../nvidia-container-devices/./1/")],
+        [],
+        config=VOL,
+        mounts=[Mount("/dev/null", "/var/run//x/../nvidia-container-devices/./1/")],
         devices="1",
     ),
     "mounts_destination_shorter_than_root": Case(
@@ -122,60 +122,78 @@ SEED_BRANCHES: dict[str, Case] = {
         [], config=VOL, mounts=[Mount("/dev/null", ROOT + "/")], devices=None
     ),
     "mounts_keep_subpaths": Case(
-        [], config=VOL, mounts=[Mount("/dev/null", ROOT + "/cdi/nvidia.com/gpu/0")],
+        [],
+        config=VOL,
+        mounts=[Mount("/dev/null", ROOT + "/cdi/nvidia.com/gpu/0")],
         devices="cdi/nvidia.com/gpu/0",
     ),
     "mounts_take_precedence_over_envvar": Case(
         ["NVIDIA_VISIBLE_DEVICES=all"], config=VOL, mounts=[Mount("/dev/null", ROOT + "/3")], devices="3"
     ),
     "mounts_bypass_privilege_check": Case(
-        ["NVIDIA_VISIBLE_DEVICES=all"], privileged=False, config=VOL_STRICT,
-        mounts=[Mount("/dev/null", ROOT + "/3")], devices="3",
+        ["NVIDIA_VISIBLE_DEVICES=all"],
+        privileged=False,
+        config=VOL_STRICT,
+        mounts=[Mount("/dev/null", ROOT + "/3")],
+        devices="3",
     ),
     "mounts_without_match_fall_back_to_envvar": Case(
         ["NVIDIA_VISIBLE_DEVICES=all"], config=VOL, mounts=[Mount("/tmp", "/data")], devices="all"
     ),
     "mounts_fallback_envvar_privilege_check_applies": Case(
-        ["NVIDIA_VISIBLE_DEVICES=all"], privileged=False, config=VOL_STRICT,
+        ["NVIDIA_VISIBLE_DEVICES=all"],
+        privileged=False,
+        config=VOL_STRICT,
         error="insufficient privileges to read device list from NVIDIA_VISIBLE_DEVICES envvar",
     ),
     # MIG config / monitor
     "mig_config_unprivileged_rejected": Case(
-        ["NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_MIG_CONFIG_DEVICES=all"], privileged=False,
+        ["NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_MIG_CONFIG_DEVICES=all"],
+        privileged=False,
         error="cannot set MIG_CONFIG_DEVICES in non privileged container",
     ),
     "mig_config_empty_unprivileged_allowed": Case(
-        ["NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_MIG_CONFIG_DEVICES="], privileged=False,
-        devices="all", fields={"mig_config_devices": ""},
+        ["NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_MIG_CONFIG_DEVICES="],
+        privileged=False,
+        devices="all",
+        fields={"mig_config_devices": ""},
     ),
     "mig_config_privileged_kept": Case(
         ["NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_MIG_CONFIG_DEVICES=all"],
-        devices="all", fields={"mig_config_devices": "all"},
+        devices="all",
+        fields={"mig_config_devices": "all"},
     ),
     "mig_monitor_unprivileged_rejected": Case(
-        ["NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_MIG_MONITOR_DEVICES=all"], privileged=False,
+        ["NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_MIG_MONITOR_DEVICES=all"],
+        privileged=False,
         error="cannot set MIG_MONITOR_DEVICES in non privileged container",
     ),
     "mig_monitor_privileged_kept": Case(
         ["NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_MIG_MONITOR_DEVICES=0"],
-        devices="all", fields={"mig_monitor_devices": "0"},
+        devices="all",
+        fields={"mig_monitor_devices": "0"},
     ),
     # check order: devices, then MIG config, then MIG monitor, then requirements
     "order_devices_checked_before_mig": Case(
-        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_MIG_CONFIG_DEVICES=all"], privileged=False, config=PRIV,
+        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_MIG_CONFIG_DEVICES=all"],
+        privileged=False,
+        config=PRIV,
         error="insufficient privileges to read device list from NVIDIA_VISIBLE_DEVICES envvar",
     ),
     "order_mig_config_checked_before_mig_monitor": Case(
         ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_MIG_MONITOR_DEVICES=all", "NVIDIA_MIG_CONFIG_DEVICES=all"],
-        privileged=False, error="cannot set MIG_CONFIG_DEVICES in non privileged container",
+        privileged=False,
+        error="cannot set MIG_CONFIG_DEVICES in non privileged container",
     ),
     "order_mig_monitor_checked_before_cuda_version": Case(
-        ["CUDA_VERSION=x", "NVIDIA_MIG_MONITOR_DEVICES=all"], privileged=False,
+        ["CUDA_VERSION=x", "NVIDIA_MIG_MONITOR_DEVICES=all"],
+        privileged=False,
         error="cannot set MIG_MONITOR_DEVICES in non privileged container",
     ),
     "order_not_gpu_container_skips_every_check": Case(
         ["CUDA_VERSION=x", "NVIDIA_VISIBLE_DEVICES=void", "NVIDIA_MIG_CONFIG_DEVICES=all"],
-        privileged=False, devices=None,
+        privileged=False,
+        devices=None,
     ),
     # getDriverCapabilities
     "caps_unset_legacy_all": Case(
@@ -185,29 +203,42 @@ SEED_BRANCHES: dict[str, Case] = {
         ["NVIDIA_VISIBLE_DEVICES=0"], devices="0", fields={"driver_capabilities": "utility,compute"}
     ),
     "caps_empty_default": Case(
-        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DRIVER_CAPABILITIES="], devices="0",
+        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DRIVER_CAPABILITIES="],
+        devices="0",
         fields={"driver_capabilities": DEFAULT_DRIVER_CAPABILITIES},
     ),
     "caps_empty_legacy_default": Case(
-        ["CUDA_VERSION=10.1", "NVIDIA_DRIVER_CAPABILITIES="], devices="all",
+        ["CUDA_VERSION=10.1", "NVIDIA_DRIVER_CAPABILITIES="],
+        devices="all",
         fields={"driver_capabilities": DEFAULT_DRIVER_CAPABILITIES},
     ),
     "caps_all": Case(
-        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DRIVER_CAPABILITIES=all"], devices="0",
+        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DRIVER_CAPABILITIES=all"],
+        devices="0",
         fields={"driver_capabilities": ALL_DRIVER_CAPABILITIES},
     ),
     "caps_value_kept_raw": Case(
-        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DRIVER_CAPABILITIES=video, graphics"], devices="0",
+        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DRIVER_CAPABILITIES=video, graphics"],
+        devices="0",
         fields={"driver_capabilities": "video, graphics"},
     ),
     # getRequirements
     "requirements_every_require_variable_sorted_by_name": Case(
-        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_REQUIRE_B=arch>=7.0", "NVIDIA_REQUIRE_=", "NVIDIA_REQUIRE_A=x",
-         "NVIDIA_REQUIRE_JETPACK=j", "NVIDIA_REQUIRED=y", "nvidia_require_c=z"],
-        devices="0", fields={"requirements": ("", "x", "arch>=7.0", "j")},
+        [
+            "NVIDIA_VISIBLE_DEVICES=0",
+            "NVIDIA_REQUIRE_B=arch>=7.0",
+            "NVIDIA_REQUIRE_=",
+            "NVIDIA_REQUIRE_A=x",
+            "NVIDIA_REQUIRE_JETPACK=j",
+            "NVIDIA_REQUIRED=y",
+            "nvidia_require_c=z",
+        ],
+        devices="0",
+        fields={"requirements": ("", "x", "arch>=7.0", "j")},
     ),
     "requirements_legacy_adds_cuda_major_minor_last": Case(
-        ["CUDA_VERSION=11.0.3", "NVIDIA_REQUIRE_ZZ=driver>=400"], devices="all",
+        ["CUDA_VERSION=11.0.3", "NVIDIA_REQUIRE_ZZ=driver>=400"],
+        devices="all",
         fields={"requirements": ("driver>=400", "cuda>=11.0")},
     ),
     "requirements_legacy_major_only": Case(
@@ -222,19 +253,23 @@ SEED_BRANCHES: dict[str, Case] = {
     ),
     # NVIDIA_DISABLE_REQUIRE
     "disable_require_true": Case(
-        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DISABLE_REQUIRE=T"], devices="0",
+        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DISABLE_REQUIRE=T"],
+        devices="0",
         fields={"disable_require": True},
     ),
     "disable_require_unparsable_is_false": Case(
-        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DISABLE_REQUIRE=yes"], devices="0",
+        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DISABLE_REQUIRE=yes"],
+        devices="0",
         fields={"disable_require": False},
     ),
     "disable_require_unset_is_false": Case(
         ["NVIDIA_VISIBLE_DEVICES=0"], devices="0", fields={"disable_require": False}
     ),
     "disable_require_forced_by_config": Case(
-        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DISABLE_REQUIRE=false"], config=HookConfig(disable_require=True),
-        devices="0", fields={"disable_require": True},
+        ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DISABLE_REQUIRE=false"],
+        config=HookConfig(disable_require=True),
+        devices="0",
+        fields={"disable_require": True},
     ),
 }
 
@@ -380,6 +415,7 @@ def test_deviation_4_checked_after_mig_and_before_cuda_version() -> None:
 # Go library behaviour
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
@@ -482,18 +518,25 @@ def test_go_clean_path(path: str, cleaned: str) -> None:
 
 KEYS = st.sampled_from(
     [
-        "NVIDIA_VISIBLE_DEVICES", "CUDA_VERSION", "NVIDIA_REQUIRE_CUDA", "NVIDIA_REQUIRE_X",
-        "NVIDIA_DISABLE_REQUIRE", "NVIDIA_MIG_CONFIG_DEVICES", "NVIDIA_MIG_MONITOR_DEVICES",
-        "NVIDIA_DRIVER_CAPABILITIES", "DOCKER_RESOURCE_GPU", "",
+        "NVIDIA_VISIBLE_DEVICES",
+        "CUDA_VERSION",
+        "NVIDIA_REQUIRE_CUDA",
+        "NVIDIA_REQUIRE_X",
+        "NVIDIA_DISABLE_REQUIRE",
+        "NVIDIA_MIG_CONFIG_DEVICES",
+        "NVIDIA_MIG_MONITOR_DEVICES",
+        "NVIDIA_DRIVER_CAPABILITIES",
+        "DOCKER_RESOURCE_GPU",
+        "",
     ]
 ) | st.text(max_size=8)
 VALUES = st.sampled_from(
     ["", "all", "none", "void", "0", "10.1", "compute", "utility,compute", "1"]
 ) | st.text(max_size=12)
 ENTRY = st.one_of(st.builds(lambda k, v: f"{k}={v}", KEYS, VALUES), st.text(max_size=10))
-PATHS = st.sampled_from(
-    ["/dev/null", "/dev//null", ROOT, ROOT + "/0", ROOT + "X/1", ""]
-) | st.text(max_size=12)
+PATHS = st.sampled_from(["/dev/null", "/dev//null", ROOT, ROOT + "/0", ROOT + "X/1", ""]) | st.text(
+    max_size=12
+)
 MOUNTS = st.lists(st.builds(Mount, PATHS, PATHS), max_size=3)
 CONFIGS = st.builds(
     HookConfig,
@@ -549,8 +592,18 @@ def test_result_is_independent_of_env_order_with_unique_keys(
 # Go fmt's isSpace, newline excluded (a newline before the first number fails the scan).
 GO_SPACES = "".join(
     chr(c)
-    for lo, hi in ((0x9, 0xD), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
-                   (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000))
+    for lo, hi in (
+        (0x9, 0xD),
+        (0x20, 0x20),
+        (0x85, 0x85),
+        (0xA0, 0xA0),
+        (0x1680, 0x1680),
+        (0x2000, 0x200A),
+        (0x2028, 0x2029),
+        (0x202F, 0x202F),
+        (0x205F, 0x205F),
+        (0x3000, 0x3000),
+    )
     for c in range(lo, hi + 1)
     if c != 0xA
 )
@@ -558,8 +611,7 @@ GO_SPACES = "".join(
 
 @settings(max_examples=500, deadline=None)
 @given(
-    st.text(alphabet=st.sampled_from("0123456789. \n\t\r+-_x\u00a0\u2028"), max_size=12)
-    | st.text(max_size=8)
+    st.text(alphabet=st.sampled_from("0123456789. \n\t\r+-_x\u00a0\u2028"), max_size=12) | st.text(max_size=8)
 )
 def test_parse_cuda_version_total(value: str) -> None:
     try:
