@@ -161,6 +161,8 @@ def test_all_gpus_debian_layout(
     for lib in (*gpu_host.libraries["utility"], *gpu_host.libraries["compute"]):
         assert lib in mounts and Path(mounts[lib]["source"]) == gpu_host.path(lib), lib
     assert "LD_LIBRARY_PATH" not in result.env
+    # No OCI hook of any kind: nothing runs on the host for this container (no NVIDIAScape class).
+    assert not any((spec.get("hooks") or {}).values()), spec.get("hooks")
     # Inside the container.
     seen = _ls_majors_minors(result.log)
     for path in expected_nodes:
@@ -175,6 +177,9 @@ def test_all_gpus_debian_layout(
     record = gpu_plugin.wait_for("GPU container adjusted", container="all-debian")
     assert record.fields["gpus"] == [g.uuid for g in gpu_host.gpus], record.line
     assert record.fields["device_nodes"] == len(expected_nodes), record.line
+    # Every mount the plugin added has its source in the (fake) host driver tree: as many such
+    # mounts are in the final spec as the daemon says it injected, none from anywhere else.
+    assert record.fields["mounts"] == len(mounts), (record.line, sorted(mounts))
 
 
 def test_probe_rhel_layout(
