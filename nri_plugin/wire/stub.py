@@ -453,6 +453,9 @@ class Stub:
         try:
             await conn.call(RUNTIME_SERVICE, "RegisterPlugin", req.SerializeToString(), REGISTRATION_TIMEOUT)
         except (RpcError, ConnectionClosed) as exc:
+            if self._stop.is_set():  # stop() closed the connection under us: not a failure
+                self.log.info("nri: registration of plugin %s abandoned: stopping", self.ident)
+                return
             self.log.error("nri: registration of plugin %s failed: %s", self.ident, exc)
             await conn.close(f"registration failed: {exc}")
             return

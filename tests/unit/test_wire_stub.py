@@ -387,6 +387,23 @@ def test_failed_registration_closes_the_connection() -> None:
     run(scenario())
 
 
+def test_stop_while_registering_is_not_logged_as_a_failure(caplog: pytest.LogCaptureFixture) -> None:
+    plugin = Recorder()
+
+    async def scenario() -> None:
+        async with launched(plugin) as (stub, rt, task):
+            await rt.next_request()  # RegisterPlugin, never answered
+            stub.stop()  # SIGTERM while the registration is outstanding
+            async with asyncio.timeout(TIMEOUT):
+                await task
+            assert stub.registrations == 0
+
+    with caplog.at_level(logging.INFO):
+        run(scenario())
+    assert any("abandoned: stopping" in r.getMessage() for r in caplog.records), caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 # --- external mode: reconnect ----------------------------------------------------------------
 
 
