@@ -337,7 +337,10 @@ async def _serve(
     stub_ref: list[Any] = []
 
     def counts() -> StubCounts:
-        return StubCounts(stub_ref[0].registrations, stub_ref[0].reconnects) if stub_ref else StubCounts()
+        if not stub_ref:
+            return StubCounts()
+        stub = stub_ref[0]
+        return StubCounts(stub.registrations, stub.reconnects, stub.registered.is_set())
 
     plugin = GpuPlugin(
         file_layer=file_layer,

@@ -26,6 +26,7 @@ CREATE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 class StubCounts:
     registrations: int = 0
     reconnects: int = 0
+    registered: bool = False  # currently registered with the runtime (alert when 0 for long)
 
 
 class Metrics(Protocol):
@@ -80,6 +81,11 @@ class _StateCollector:
         )
         yield CounterMetricFamily(
             "nri_gpu_plugin_reconnects", "Reconnects to the NRI socket", value=counts.reconnects
+        )
+        yield GaugeMetricFamily(
+            "nri_gpu_plugin_registered",
+            "1 while registered with the runtime; 0 means new containers get no GPUs (NRI fails open)",
+            value=1 if counts.registered else 0,
         )
         snap = self._snapshot()
         yield GaugeMetricFamily(

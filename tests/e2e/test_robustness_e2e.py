@@ -432,6 +432,7 @@ def test_restarts_under_load(
         metrics = daemon.scrape()
         assert metrics["nri_gpu_plugin_registrations_total"] == restarts + 1, metrics
         assert metrics["nri_gpu_plugin_reconnects_total"] == restarts, metrics
+        assert metrics["nri_gpu_plugin_registered"] == 1, metrics  # registered again at the end
         assert failed_total(metrics) == 0, metrics
         assert "Traceback" not in daemon.log_text(), daemon.log_tail(60)
         assert daemon.pid == pid and daemon.alive()

@@ -322,7 +322,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 def test_prometheus_endpoint() -> None:
-    counts = StubCounts(registrations=3, reconnects=2)
+    counts = StubCounts(registrations=3, reconnects=2, registered=True)
     m = PrometheusMetrics("127.0.0.1:0", stub_counts=lambda: counts, snapshot=_snapshot)
     _, port = m.start()
     try:
@@ -340,6 +340,7 @@ def test_prometheus_endpoint() -> None:
     assert v['nri_gpu_create_container_seconds_bucket{le="0.0025"}'] == 3
     assert v["nri_gpu_plugin_registrations_total"] == 3
     assert v["nri_gpu_plugin_reconnects_total"] == 2
+    assert v["nri_gpu_plugin_registered"] == 1
     assert v["nri_gpu_driver_gpus"] == 2
     assert v["nri_gpu_driver_available"] == 1
     assert v['nri_gpu_driver_info{cuda_version="12.4",driver_version="550.54.14",source="nvml"}'] == 1
@@ -360,6 +361,7 @@ def test_prometheus_without_driver() -> None:
     assert m.listening == ""
     assert v["nri_gpu_driver_available"] == 0
     assert v["nri_gpu_driver_gpus"] == 0
+    assert v["nri_gpu_plugin_registered"] == 0
     assert not any(k.startswith("nri_gpu_driver_info{") for k in v)
 
 
