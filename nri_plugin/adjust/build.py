@@ -71,6 +71,7 @@ from nri_plugin.adjust.model import IPC_BIND_OPTIONS, RO_BIND_OPTIONS, Adjustmen
 from nri_plugin.adjust.select import Selection, select_devices, show_id
 from nri_plugin.errors import ContainerError, RequestError
 from nri_plugin.host.model import DeviceNode, DriverSnapshot, Gpu, HostRoots, Library, MigDevice
+from nri_plugin.host.paths import strip_root
 from nri_plugin.request.model import ALL_DRIVER_CAPABILITIES, GpuRequest
 
 LIB_DIRS_64 = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
@@ -312,17 +313,6 @@ def _device_nodes(
 # --- mounts -------------------------------------------------------------------------------------
 
 
-def _container_path(host_path: str, root: str) -> str:
-    """The host path as seen from ``root`` ("/" -> unchanged); a path outside ``root`` stays as is."""
-    root = os.path.normpath(root)
-    if root == "/":
-        return host_path
-    rel = os.path.relpath(os.path.normpath(host_path), root)
-    if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep):
-        return host_path
-    return "/" + rel
-
-
 def _library_mounts(
     libraries: Iterable[Library], dirs: tuple[str, ...], roots: HostRoots
 ) -> Iterable[MountEdit]:
@@ -364,13 +354,13 @@ def _mounts(snapshot: DriverSnapshot, caps: frozenset[str]) -> tuple[MountEdit, 
     for ipc_path in ipc:
         if ipc_path is not None:
             mounts.append(
-                MountEdit(roots.to_host(ipc_path), _container_path(ipc_path, run_root), IPC_BIND_OPTIONS)
+                MountEdit(roots.to_host(ipc_path), strip_root(run_root, ipc_path), IPC_BIND_OPTIONS)
             )
 
     driver_root = snapshot.roots.driver_root
     for host_path in snapshot.firmware:
         mounts.append(
-            MountEdit(roots.to_host(host_path), _container_path(host_path, driver_root), RO_BIND_OPTIONS)
+            MountEdit(roots.to_host(host_path), strip_root(driver_root, host_path), RO_BIND_OPTIONS)
         )
 
     unique: dict[str, MountEdit] = {}

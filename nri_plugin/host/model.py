@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from nri_plugin.host.paths import strip_root
+
 # Capability groups used to index libraries/binaries (reference nvidia-toolkit.md §1.1-§1.3).
 # Library groups: "utility", "compute", "video", "graphics", "graphics-glvnd", "ngx".
 # Binary groups: "utility", "compute".
@@ -37,14 +39,7 @@ class HostRoots:
 
     def to_host(self, path: str) -> str:
         """``path`` as read by this process -> the same file's path on the host (for containerd)."""
-        root = self.host_root.rstrip("/")
-        if not root:
-            return path
-        if path == root:
-            return "/"
-        if path.startswith(root + "/"):
-            return path[len(root) :]
-        return path
+        return strip_root(self.host_root, path)
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,12 +67,25 @@ def resolve_in_root(root: str, path: str) -> str:
     return os.path.join(root, *resolved) if resolved else root
 
 
+def _inside(root: str, host_path: str) -> str | None:
+    """``/<path inside root>`` for a path below ``root``; ``None`` when it is outside."""
+    rel = os.path.relpath(os.path.normpath(host_path), os.path.abspath(root))
+    if rel == os.curdir:
+        return "/"
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return None
+    return "/" + rel
+
+
 def relative_to_root(root: str, host_path: str) -> str:
     """Inverse of :func:`resolve_in_root` for a resolved path: ``/<path inside root>``."""
-    root = os.path.abspath(root)
-    rel = os.path.relpath(host_path, root)
-    if rel == ".":
-        return "/"
-    if rel == ".." or rel.startswith("../"):
-        raise HostDiscoveryError(f"path {host_path!r} is not inside root {root!r}")
-    return "/" + rel
+    inside = _inside(root, host_path)
+    if inside is None:
+        raise HostDiscoveryError(f"path {host_path!r} is not inside root {os.path.abspath(root)!r}")
+    return inside
+
+
+def strip_root(root: str, host_path: str) -> str:
+    """``host_path`` as seen with ``root`` as ``/``; unchanged when it lies outside ``root``."""
+    inside = _inside(root, host_path)
+    return host_path if inside is None else inside
