@@ -72,7 +72,7 @@ from nri_plugin.adjust.select import Selection, select_devices, show_id
 from nri_plugin.errors import ContainerError, RequestError
 from nri_plugin.host.model import DeviceNode, DriverSnapshot, Gpu, HostRoots, Library, MigDevice
 from nri_plugin.host.paths import strip_root
-from nri_plugin.request.model import ALL_DRIVER_CAPABILITIES, GpuRequest
+from nri_plugin.request.model import ALL_DRIVER_CAPABILITIES, GpuRequest, split_list
 
 LIB_DIRS_64 = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
 LIB_DIRS_32 = ("/usr/lib/i386-linux-gnu", "/usr/lib")
@@ -170,13 +170,9 @@ def clear_cache() -> None:
     _plan_cached.cache_clear()
 
 
-def _device_ids(devices: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in devices.split(",") if p.strip())
-
-
 @functools.lru_cache(maxsize=512)
 def _select_cached(snap: Same[DriverSnapshot], devices: str) -> Selection:
-    return select_devices(_device_ids(devices), snap.obj)
+    return select_devices(split_list(devices), snap.obj)
 
 
 @functools.lru_cache(maxsize=512)
@@ -185,7 +181,7 @@ def _plan_cached(
 ) -> Plan:
     snapshot = snap.obj
     selection = _select(snap, devices)
-    all_selected = any(i.lower() == "all" for i in _device_ids(devices))
+    all_selected = any(i.lower() == "all" for i in split_list(devices))
     caps = _capabilities(driver_capabilities)
     config_all = _mig_all("NVIDIA_MIG_CONFIG_DEVICES", "mig-config", mig_config, all_selected, selection)
     monitor_all = _mig_all("NVIDIA_MIG_MONITOR_DEVICES", "mig-monitor", mig_monitor, all_selected, selection)
@@ -197,7 +193,7 @@ def _plan_cached(
 
 
 def _capabilities(driver_capabilities: str) -> frozenset[str]:
-    caps = frozenset(c.strip() for c in driver_capabilities.split(",") if c.strip())
+    caps = frozenset(split_list(driver_capabilities))
     unknown = sorted(caps - KNOWN_CAPABILITIES)
     if unknown:
         raise RequestError(

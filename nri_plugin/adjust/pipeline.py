@@ -22,7 +22,13 @@ from nri_plugin.adjust.model import EMPTY_ADJUSTMENT, Adjustment
 from nri_plugin.adjust.select import Selection
 from nri_plugin.errors import DriverNotFoundError
 from nri_plugin.host.model import DriverSnapshot, Gpu
-from nri_plugin.request.model import DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT, GpuRequest, HookConfig, Mount
+from nri_plugin.request.model import (
+    DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT,
+    GpuRequest,
+    HookConfig,
+    Mount,
+    split_list,
+)
 from nri_plugin.request.requirements import HostFacts, check_requirements
 from nri_plugin.request.resolve import resolve_request
 
@@ -44,7 +50,7 @@ NO_GPU = Decision(None, None, EMPTY_ADJUSTMENT)
 @functools.lru_cache(maxsize=16)
 def _trigger_prefixes(swarm_resource: str) -> tuple[str, ...]:
     names = ["NVIDIA_VISIBLE_DEVICES", "CUDA_VERSION"]
-    names += [n.strip() for n in swarm_resource.split(",") if n.strip()]
+    names += split_list(swarm_resource)
     return tuple(f"{name}=" for name in names)
 
 

@@ -17,6 +17,11 @@ DEFAULT_SUPPORTED_DRIVER_CAPABILITIES = "compat32,compute,display,graphics,ngx,u
 DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT = "/var/run/nvidia-container-devices"
 
 
+def split_list(value: str) -> tuple[str, ...]:
+    """A comma-separated list as the toolkit reads them: elements trimmed, empty ones dropped."""
+    return tuple(p for p in (e.strip() for e in value.split(",")) if p)
+
+
 @dataclass(frozen=True, slots=True)
 class Mount:
     """The part of an OCI/NRI mount the hook looks at."""
@@ -55,9 +60,9 @@ class GpuRequest:
     @property
     def device_ids(self) -> tuple[str, ...]:
         """Device ids as the CLI sees them: comma-split, trimmed, empty elements dropped."""
-        return tuple(p.strip() for p in self.devices.split(",") if p.strip())
+        return split_list(self.devices)
 
     @property
     def capabilities(self) -> frozenset[str]:
         """The set of requested driver capabilities."""
-        return frozenset(c.strip() for c in self.driver_capabilities.split(",") if c.strip())
+        return frozenset(split_list(self.driver_capabilities))

@@ -37,6 +37,7 @@ from nri_plugin.request.model import (
     GpuRequest,
     HookConfig,
     Mount,
+    split_list,
 )
 
 __all__ = [
@@ -294,13 +295,9 @@ def _is_legacy_image(env: Mapping[str, str]) -> bool:
     return len(env.get(ENV_CUDA_VERSION, "")) > 0 and len(env.get(ENV_REQUIRE_CUDA, "")) == 0
 
 
-def _swarm_names(config: HookConfig) -> list[str]:
-    return [name.strip() for name in config.swarm_resource.split(",") if name.strip()]
-
-
 def _devices_from_envvar(env: Mapping[str, str], legacy: bool, config: HookConfig) -> str | None:
     devices: str | None = None
-    for name in (*_swarm_names(config), ENV_VISIBLE_DEVICES):
+    for name in (*split_list(config.swarm_resource), ENV_VISIBLE_DEVICES):
         if name in env:  # Deviation 1: the first present variable wins
             devices = env[name]
             break
@@ -351,10 +348,6 @@ def _devices(
     raise RequestError("insufficient privileges to read device list from NVIDIA_VISIBLE_DEVICES envvar")
 
 
-def _split_caps(value: str) -> list[str]:
-    return [c.strip() for c in value.split(",") if c.strip()]
-
-
 def _driver_capabilities(env: Mapping[str, str], legacy: bool, config: HookConfig) -> str:
     """``getDriverCapabilities`` plus the toolkit's supported-set check (Deviation 4).
 
@@ -363,7 +356,7 @@ def _driver_capabilities(env: Mapping[str, str], legacy: bool, config: HookConfi
     seed's string byte for byte.  An explicit list is returned as written once every element
     is supported (the seed returns it raw; ``GpuRequest.capabilities`` trims).
     """
-    supported = set(_split_caps(config.supported_driver_capabilities))
+    supported = set(split_list(config.supported_driver_capabilities))
     supports_all = _ALL in supported
 
     def allowed(cap: str) -> bool:
@@ -374,7 +367,7 @@ def _driver_capabilities(env: Mapping[str, str], legacy: bool, config: HookConfi
         return ",".join(c for c in _ALL_CAPS_ORDER if allowed(c))
     if requested is None or requested == "":
         return ",".join(c for c in _DEFAULT_CAPS_ORDER if allowed(c))
-    caps = _split_caps(requested)
+    caps = split_list(requested)
     if _ALL in caps:
         return ",".join(c for c in _ALL_CAPS_ORDER if allowed(c))
     unsupported = sorted({c for c in caps if not allowed(c)})
