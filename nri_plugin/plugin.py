@@ -189,13 +189,12 @@ class GpuPlugin(Plugin):
                 "NRI config rejected; the runtime will drop this plugin", error=str(e), runtime=self.runtime
             )
             raise
-        for layer in (self._file_layer, nri_layer):
-            if layer.ignored:
-                self.log.debug(
-                    "ignoring toolkit keys this plugin does not use",
-                    source=layer.source,
-                    keys=list(layer.ignored),
-                )
+        if nri_layer.ignored:  # the file layer's were logged once at start-up (cli.run)
+            self.log.debug(
+                "ignoring toolkit keys this plugin does not use",
+                source=nri_layer.source,
+                keys=list(nri_layer.ignored),
+            )
         await self.apply(new)
         self.log.info(
             "configured",
