@@ -35,6 +35,14 @@ class DriverNotFoundError(ContainerError):
     """A GPU container was requested on a host without a usable NVIDIA driver."""
 
 
+class DriverChangedError(ContainerError):
+    """A mount source changed since discovery (driver upgrade, or a swapped file): not mounted."""
+
+
+class DiscoveryPendingError(DriverNotFoundError):
+    """A GPU container arrived before the first host driver discovery finished."""
+
+
 class ConfigError(NriPluginError):
     """Invalid daemon configuration (file, NRI config string or flags): a start-up error."""
 

@@ -20,12 +20,16 @@ from nri_plugin.adjust.pipeline import decide
 from nri_plugin.adjust.proto import to_proto
 from nri_plugin.adjust.select import EMPTY_SELECTION
 from nri_plugin.config import Layer, Settings
-from nri_plugin.errors import ConfigError, ContainerError
+from nri_plugin.errors import ConfigError, ContainerError, DriverChangedError
 from nri_plugin.host.driver import HostDriver
 from nri_plugin.notify import Notifier
 from nri_plugin.request.nri import request_inputs
 from nri_plugin.wire._gen import api_pb2 as api
 from nri_plugin.wire.stub import Plugin
+
+# How long a CreateContainer that found a changed driver waits for the rediscovery (containerd
+# gives a plugin 2 s per call; discovery without a hanging NVML takes tens of milliseconds).
+REDISCOVER_BUDGET_S = 1.0
 
 
 class InternalError(ContainerError):
@@ -236,7 +240,17 @@ class GpuPlugin(Plugin):
         t0 = time.perf_counter()
         try:
             env, mounts, privileged = request_inputs(container)
-            decision = decide(env, mounts, privileged, self.settings.hook, self.driver.snapshot())
+            try:
+                decision = decide(env, mounts, privileged, self.settings.hook, self.driver.snapshot())
+            except DriverChangedError as changed:
+                # A mount source is not what discovery pinned: an in-place driver upgrade or a
+                # swapped file. Rediscover at once (bounded: containerd waits 2 s for us) and decide
+                # again on the new snapshot; a still-changed or slow host fails this container.
+                self.log.warning("host driver changed under a snapshot; rediscovering", error=str(changed))
+                if not await self.driver.refresh_soon(REDISCOVER_BUDGET_S):
+                    raise
+                self._log_snapshot("host driver rediscovered", (time.perf_counter() - t0) * 1000)
+                decision = decide(env, mounts, privileged, self.settings.hook, self.driver.snapshot())
             if decision.request is None:
                 self.metrics.skipped(time.perf_counter() - t0)
                 if self.log.enabled(logs.Level.DEBUG):

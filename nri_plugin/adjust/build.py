@@ -47,8 +47,14 @@ libraries (tools that parse it, rather than calling ``dlopen``, will not find th
 Binaries: ``utility`` binaries with utility, MPS (``compute`` group) binaries with compute (not
 with video alone), at ``/usr/bin/<name>``, read-only. IPC (``IPC_BIND_OPTIONS``, writable):
 persistenced and fabricmanager sockets with utility, the MPS pipe directory with compute or video,
-each if present, at its host path relative to the run root. GSP firmware: every file of
+each if discovery accepted it (``host.discover.find_ipc``), always at its fixed container path
+(``IpcPath.container_path``), never at the path it resolved to. GSP firmware: every file of
 ``snapshot.firmware`` at its path relative to the driver root, read-only, for every GPU container.
+
+Failures beyond missing nodes: a capability whose key library (``KEY_LIBRARIES``: libnvidia-ml for
+utility, libcuda for compute) was not discovered fails the container, and so does a node the
+capability uses that exists with the wrong type or numbers (``snapshot.invalid_nodes``), e.g. a
+``/dev/nvidia-uvm`` with a stale major -- silently leaving it out gave CUDA containers no UVM.
 
 No env changes and no hooks: the spec itself carries everything, so nothing runs in or against the
 container's rootfs on the host's behalf; that hook-less design is the point.
@@ -70,8 +76,18 @@ from typing import Generic, TypeVar
 from nri_plugin.adjust.model import IPC_BIND_OPTIONS, RO_BIND_OPTIONS, Adjustment, MountEdit
 from nri_plugin.adjust.select import Selection, select_devices, show_id
 from nri_plugin.errors import ContainerError, RequestError
-from nri_plugin.host.model import DeviceNode, DriverSnapshot, Gpu, HostRoots, Library, MigDevice
+from nri_plugin.host.model import (
+    DeviceNode,
+    DriverSnapshot,
+    FileId,
+    Gpu,
+    HostRoots,
+    IpcPath,
+    Library,
+    MigDevice,
+)
 from nri_plugin.host.paths import strip_root
+from nri_plugin.host.pin import unique_checks
 from nri_plugin.request.model import ALL_DRIVER_CAPABILITIES, GpuRequest, split_list
 
 LIB_DIRS_64 = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
@@ -106,12 +122,26 @@ CREATE_NODES_HINT = (
 )
 
 
+# The library without which a capability cannot work at all: when discovery found none (an
+# unreadable or redirected ld.so.cache, a broken install) the container fails instead of starting
+# with device nodes and no driver.
+KEY_LIBRARIES: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {"utility": ("utility", "libnvidia-ml.so."), "compute": ("compute", "libcuda.so.")}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What one request resolves to on one snapshot (the unit of memoization)."""
+    """What one request resolves to on one snapshot (the unit of memoization).
+
+    ``checks`` are the pins (``host.pin``) of every mount source of the adjustment, shared
+    directories once; ``unpinned`` the sources discovery did not pin (must be empty to mount).
+    """
 
     selection: Selection
     adjustment: Adjustment
+    checks: tuple[FileId, ...] = ()
+    unpinned: tuple[str, ...] = ()
 
 
 class Same(Generic[T]):
@@ -185,11 +215,34 @@ def _plan_cached(
     caps = _capabilities(driver_capabilities)
     config_all = _mig_all("NVIDIA_MIG_CONFIG_DEVICES", "mig-config", mig_config, all_selected, selection)
     monitor_all = _mig_all("NVIDIA_MIG_MONITOR_DEVICES", "mig-monitor", mig_monitor, all_selected, selection)
+    _check_key_libraries(snapshot, caps)
+    mounts, sources = _mounts(snapshot, caps)
     adjustment = Adjustment(
         devices=_device_nodes(snapshot, selection, caps, config_all, monitor_all),
-        mounts=_mounts(snapshot, caps),
+        mounts=mounts,
     )
-    return Plan(selection, adjustment)
+    pins = snapshot.pins
+    return Plan(
+        selection,
+        adjustment,
+        checks=unique_checks(pins[src] for src in sources if src in pins),
+        unpinned=tuple(src for src in sources if src not in pins),
+    )
+
+
+def _check_key_libraries(snapshot: DriverSnapshot, caps: frozenset[str]) -> None:
+    for cap in sorted(caps):
+        key = KEY_LIBRARIES.get(cap)
+        if key is None:
+            continue
+        group, prefix = key
+        if not any(lib.soname.startswith(prefix) for lib in snapshot.libraries.get(group, ())):
+            raise ContainerError(
+                f"NVIDIA_DRIVER_CAPABILITIES includes {cap!r}, but the driver library {prefix}* "
+                f"(driver {snapshot.driver_version}) was not found through the ld.so.cache of the "
+                f"driver root {snapshot.roots.driver_root!r}; run `ldconfig` on the host (or in the "
+                "driver container), check the driver installation, and see `nvidia-nri-plugin info`"
+            )
 
 
 def _capabilities(driver_capabilities: str) -> frozenset[str]:
@@ -250,26 +303,40 @@ def _device_nodes(
     nodes = snapshot.device_nodes
     out: dict[str, DeviceNode] = {}
 
+    invalid = snapshot.invalid_nodes
+
+    def refuse_invalid(path: str, why: str) -> None:
+        problem = invalid.get(path)
+        if problem is not None:
+            raise ContainerError(
+                f"{why}: device node {path} exists but is wrong ({problem}); recreate it with the "
+                f"driver's numbers (remove it and run `nvidia-modprobe`, or `nvidia-ctk system "
+                "create-device-nodes`)"
+            )
+
     def required(path: str, why: str) -> None:
         node = nodes.get(path)
         if node is None:
+            refuse_invalid(path, why)
             raise ContainerError(
                 f"{why}: device node {path} is missing under the dev root {snapshot.roots.dev_root!r}; "
                 f"{CREATE_NODES_HINT}"
             )
         out.setdefault(path, node)
 
-    def optional(path: str) -> None:
+    def optional(path: str, why: str = "") -> None:
         node = nodes.get(path)
         if node is not None:
             out.setdefault(path, node)
+        elif why:
+            refuse_invalid(path, why)
 
     required("/dev/nvidiactl", "the NVIDIA control device")
     if "compute" in caps or "video" in caps:
-        optional("/dev/nvidia-uvm")
-        optional("/dev/nvidia-uvm-tools")
+        optional("/dev/nvidia-uvm", "the unified memory device (compute, video)")
+        optional("/dev/nvidia-uvm-tools", "the unified memory device (compute, video)")
     if "display" in caps:
-        optional("/dev/nvidia-modeset")
+        optional("/dev/nvidia-modeset", "the mode-setting device (display)")
     for gpu in selection.gpus:
         required(f"/dev/nvidia{gpu.minor}", f"GPU {gpu.index} ({gpu.uuid})")
 
@@ -311,21 +378,22 @@ def _device_nodes(
 
 def _library_mounts(
     libraries: Iterable[Library], dirs: tuple[str, ...], roots: HostRoots
-) -> Iterable[MountEdit]:
+) -> Iterable[tuple[str, MountEdit]]:
     for lib in libraries:
         names = [lib.file_name, lib.soname]
         names.extend(extra for prefix, extra in EXTRA_LIBRARY_NAMES if lib.soname.startswith(prefix))
         source = roots.to_host(lib.host_path)
         for directory in dirs:
             for name in names:
-                yield MountEdit(source, f"{directory}/{name}", RO_BIND_OPTIONS)
+                yield lib.host_path, MountEdit(source, f"{directory}/{name}", RO_BIND_OPTIONS)
 
 
-def _mounts(snapshot: DriverSnapshot, caps: frozenset[str]) -> tuple[MountEdit, ...]:
+def _mounts(snapshot: DriverSnapshot, caps: frozenset[str]) -> tuple[tuple[MountEdit, ...], tuple[str, ...]]:
+    """The mounts, and the host paths (as this process reads them) of their sources."""
     groups = {group for cap in caps for group in LIBRARY_GROUPS.get(cap, ())}
     ordered = [group for group in LIBRARY_GROUP_ORDER if group in groups]
     roots = snapshot.roots
-    mounts: list[MountEdit] = []
+    mounts: list[tuple[str, MountEdit]] = []
     for group in ordered:
         mounts.extend(_library_mounts(snapshot.libraries.get(group, ()), LIB_DIRS_64, roots))
     if "compat32" in caps:
@@ -335,31 +403,30 @@ def _mounts(snapshot: DriverSnapshot, caps: frozenset[str]) -> tuple[MountEdit, 
     bin_groups = [g for g in ("utility", "compute") if g in caps]
     for group in bin_groups:
         for host_path in snapshot.binaries.get(group, ()):
-            mounts.append(
-                MountEdit(
-                    roots.to_host(host_path), f"{BIN_DIR}/{os.path.basename(host_path)}", RO_BIND_OPTIONS
-                )
-            )
+            dest = f"{BIN_DIR}/{os.path.basename(host_path)}"
+            mounts.append((host_path, MountEdit(roots.to_host(host_path), dest, RO_BIND_OPTIONS)))
 
-    run_root = snapshot.roots.run_root
-    ipc: list[str | None] = []
+    ipc: list[IpcPath | None] = []
     if "utility" in caps:
         ipc += [snapshot.persistenced_socket, snapshot.fabricmanager_socket]
     if "compute" in caps or "video" in caps:
         ipc.append(snapshot.mps_pipe_dir)
-    for ipc_path in ipc:
-        if ipc_path is not None:
+    for entry in ipc:
+        if entry is not None:  # the destination is the fixed path, never where the entry resolved
             mounts.append(
-                MountEdit(roots.to_host(ipc_path), strip_root(run_root, ipc_path), IPC_BIND_OPTIONS)
+                (
+                    entry.host_path,
+                    MountEdit(roots.to_host(entry.host_path), entry.container_path, IPC_BIND_OPTIONS),
+                )
             )
 
     driver_root = snapshot.roots.driver_root
     for host_path in snapshot.firmware:
-        mounts.append(
-            MountEdit(roots.to_host(host_path), strip_root(driver_root, host_path), RO_BIND_OPTIONS)
-        )
+        dest = strip_root(driver_root, host_path)
+        mounts.append((host_path, MountEdit(roots.to_host(host_path), dest, RO_BIND_OPTIONS)))
 
-    unique: dict[str, MountEdit] = {}
-    for mount in mounts:
-        unique.setdefault(mount.destination, mount)
-    return tuple(unique.values())
+    unique: dict[str, tuple[str, MountEdit]] = {}
+    for source, mount in mounts:
+        unique.setdefault(mount.destination, (source, mount))
+    sources = dict.fromkeys(source for source, _ in unique.values())
+    return tuple(mount for _, mount in unique.values()), tuple(sources)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from nri_plugin.adjust.build import plan, select_for_request
 from nri_plugin.adjust.model import EMPTY_ADJUSTMENT, Adjustment
 from nri_plugin.adjust.select import Selection
-from nri_plugin.errors import DriverNotFoundError
-from nri_plugin.host.model import DriverSnapshot, Gpu
+from nri_plugin.errors import ContainerError, DriverChangedError, DriverNotFoundError
+from nri_plugin.host.model import DriverSnapshot, FileId, Gpu
+from nri_plugin.host.pin import verify
 from nri_plugin.request.model import (
     DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT,
     GpuRequest,
@@ -91,7 +92,25 @@ def decide(
     selection = select_for_request(request, snapshot)
     if not request.disable_require:
         check_selection_requirements(request.requirements, selection, snapshot)
-    return Decision(request, selection, plan(request, snapshot).adjustment)
+    chosen = plan(request, snapshot)
+    verify_plan(chosen.checks, chosen.unpinned)
+    return Decision(request, selection, chosen.adjustment)
+
+
+def verify_plan(checks: Sequence[FileId], unpinned: Sequence[str]) -> None:
+    """Refuse to mount anything that is no longer what discovery checked (``host.pin``)."""
+    if unpinned:
+        raise ContainerError(
+            f"internal error: mount source {unpinned[0]!r} was not pinned at discovery; refusing to "
+            "mount it (a bug in the NVIDIA NRI plugin)"
+        )
+    problem = verify(checks)
+    if problem is not None:
+        raise DriverChangedError(
+            f"the host driver changed since it was discovered: {problem}; not mounting it. The plugin "
+            "is rediscovering the driver: retry the container (kubelet does so by itself). If this "
+            "repeats, something keeps replacing files in the driver root"
+        )
 
 
 def _facts(snapshot: DriverSnapshot, gpu: Gpu | None) -> HostFacts:

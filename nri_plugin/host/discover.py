@@ -28,9 +28,19 @@ from types import MappingProxyType
 
 from nri_plugin.errors import HostDiscoveryError
 from nri_plugin.host.ldcache import LdCacheEntry, read_ldcache
-from nri_plugin.host.model import NVIDIA_MAJOR, DeviceNode, DriverSnapshot, Gpu, HostRoots, Library
+from nri_plugin.host.model import (
+    NVIDIA_MAJOR,
+    DeviceNode,
+    DriverSnapshot,
+    FileId,
+    Gpu,
+    HostRoots,
+    IpcPath,
+    Library,
+)
 from nri_plugin.host.nvml import NvmlInfo, query_nvml
 from nri_plugin.host.paths import resolve_in_root
+from nri_plugin.host.pin import kind_name, pin
 from nri_plugin.host.procfs import (
     parse_driver_version,
     parse_key_values,
@@ -231,14 +241,79 @@ def find_binaries(driver_root: str, notes: _Notes | None = None) -> dict[str, tu
 # -------------------------------------------------------------------------------------- ipc/firmware
 
 
-def _first_socket(root: str, candidates: Iterable[str]) -> str | None:
-    for candidate in candidates:
-        host_path = resolve_in_root(root, candidate)
+class _Refused(Exception):
+    """Internal: an IPC path that exists but must not be mounted; the message says why."""
+
+
+def _root_owned_link(path: str, st: os.stat_result) -> None:
+    if st.st_uid != 0:
+        raise _Refused(f"{path} is a symlink owned by uid {st.st_uid}, not root")
+
+
+def _trusted_owner(st: os.stat_result, parent: str) -> str | None:
+    """``None`` when the owner of an entry of ``parent`` is trusted, else why not.
+
+    Trusted: root; or the owner of ``parent`` itself when no one else can write ``parent`` and
+    ``parent`` lies in a root-owned directory that only root can write (a daemon that drops
+    privileges, e.g. ``nvidia-persistenced --user``, owns ``/run/nvidia-persistenced``; a local user
+    can create neither that directory nor anything in it).
+    """
+    if st.st_uid == 0:
+        return None
+    why = f"owned by uid {st.st_uid}, not root"
+    try:
+        parent_st = os.lstat(parent)
+        grand_st = os.lstat(os.path.dirname(parent))
+    except OSError:
+        return why
+    if parent_st.st_uid != st.st_uid or parent_st.st_mode & 0o022:
+        return why
+    if grand_st.st_uid != 0 or grand_st.st_mode & 0o022:
+        return why
+    return None
+
+
+def find_ipc(run_root: str, container_path: str, fmt: int, notes: _Notes) -> IpcPath | None:
+    """The IPC socket (``fmt`` ``S_IFSOCK``) or directory (``S_IFDIR``) at ``container_path`` below
+    the run root, if it exists and may be bind-mounted read-write into containers.
+
+    These paths live in ``/run`` and ``/tmp``, where a local user may create entries; what we
+    mount is writable. So: the entry itself must not be a symlink and must be of type ``fmt``;
+    symlinks on the way to it are followed (inside the root) only when root owns them (``/var/run``
+    -> ``/run``); its owner must be trusted (:func:`_trusted_owner`). A refused entry is noted with
+    the reason. The container path is always ``container_path``, never where the entry resolves.
+    """
+    parent_path, name = os.path.split(container_path.rstrip("/"))
+    try:
+        parent = resolve_in_root(run_root, parent_path, on_link=_root_owned_link)
+        host_path = os.path.join(parent, name)
         try:
-            if stat.S_ISSOCK(os.stat(host_path).st_mode):
-                return host_path
-        except OSError:
-            continue
+            st = os.lstat(host_path)
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            raise _Refused(f"{host_path} is a symlink (to {os.readlink(host_path)!r})")
+        if stat.S_IFMT(st.st_mode) != fmt:
+            raise _Refused(f"{host_path} is {kind_name(stat.S_IFMT(st.st_mode))}, not {kind_name(fmt)}")
+        why = _trusted_owner(st, parent)
+        if why is not None:
+            raise _Refused(f"{host_path} is {why}")
+    except _Refused as exc:
+        notes.add(f"refused ipc path {container_path}: {exc} (not mounted into containers)")
+        return None
+    except OSError as exc:
+        notes.add(f"refused ipc path {container_path}: cannot inspect it: {exc.strerror}")
+        return None
+    return IpcPath(container_path=container_path, host_path=host_path)
+
+
+def _first_ipc(run_root: str, candidates: Iterable[str], fmt: int, notes: _Notes) -> IpcPath | None:
+    for candidate in candidates:
+        found = find_ipc(run_root, candidate, fmt, notes)
+        if found is not None:
+            return found
     return None
 
 
@@ -258,7 +333,14 @@ def find_firmware(driver_root: str, driver_version: str) -> tuple[str, ...]:
 
 
 def _device_node(
-    dev_root: str, path: str, major: int, minor: int, notes: _Notes, *, note_absent: bool = True
+    dev_root: str,
+    path: str,
+    major: int,
+    minor: int,
+    notes: _Notes,
+    *,
+    note_absent: bool = True,
+    invalid: dict[str, str] | None = None,
 ) -> DeviceNode | None:
     host_path = resolve_in_root(dev_root, path)
     try:
@@ -267,14 +349,15 @@ def _device_node(
         if note_absent:
             notes.add(f"missing device node {path} ({major}:{minor})")
         return None
+    note: str | None = None
     if not stat.S_ISCHR(st.st_mode):
-        notes.add(f"invalid device node {path}: not a character device (expected {major}:{minor})")
-        return None
-    if (os.major(st.st_rdev), os.minor(st.st_rdev)) != (major, minor):
-        notes.add(
-            f"invalid device node {path}: is {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}, "
-            f"expected {major}:{minor}"
-        )
+        note = f"not a character device (expected {major}:{minor})"
+    elif (os.major(st.st_rdev), os.minor(st.st_rdev)) != (major, minor):
+        note = f"is {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}, expected {major}:{minor}"
+    if note is not None:
+        notes.add(f"invalid device node {path}: {note}")
+        if invalid is not None:
+            invalid[path] = f"{host_path} {note}"
         return None
     return DeviceNode(
         path=path,
@@ -294,6 +377,7 @@ def find_device_nodes(
     char_majors: Mapping[str, int],
     mig_minors: Mapping[str, int],
     notes: _Notes,
+    invalid: dict[str, str] | None = None,
 ) -> dict[str, DeviceNode]:
     wanted: list[tuple[str, int, int]] = [
         ("/dev/nvidiactl", NVIDIA_MAJOR, 255),
@@ -308,7 +392,7 @@ def find_device_nodes(
         wanted.append((f"/dev/nvidia{gpu.minor}", NVIDIA_MAJOR, gpu.minor))
     out: dict[str, DeviceNode] = {}
     for path, major, minor in wanted:
-        node = _device_node(dev_root, path, major, minor, notes)
+        node = _device_node(dev_root, path, major, minor, notes, invalid=invalid)
         if node is not None:
             out[path] = node
     caps = char_majors.get(CAPS_DEVICE)
@@ -459,14 +543,31 @@ def discover(
             entries, roots.driver_root, arches.compat32, driver_version, None, is_32bit=True
         )
     binaries = find_binaries(roots.driver_root, notes)
-    persistenced = _first_socket(roots.run_root, PERSISTENCED_SOCKETS)
+    persistenced = _first_ipc(roots.run_root, PERSISTENCED_SOCKETS, stat.S_IFSOCK, notes)
     if persistenced is None:
         notes.add("missing ipc path /run/nvidia-persistenced/socket")
-    fabricmanager = _first_socket(roots.run_root, FABRICMANAGER_SOCKETS)
-    mps_host = resolve_in_root(roots.run_root, mps_pipe_dir)
-    mps = mps_host if os.path.isdir(mps_host) else None
+    fabricmanager = _first_ipc(roots.run_root, FABRICMANAGER_SOCKETS, stat.S_IFSOCK, notes)
+    mps = find_ipc(roots.run_root, mps_pipe_dir, stat.S_IFDIR, notes)
     firmware = find_firmware(roots.driver_root, driver_version)
-    nodes = find_device_nodes(roots.dev_root, gpus, char_majors, mig_minors, notes)
+    invalid: dict[str, str] = {}
+    nodes = find_device_nodes(roots.dev_root, gpus, char_majors, mig_minors, notes, invalid)
+    pins: dict[str, tuple[FileId, ...]] = {}
+    sources = [
+        *(
+            (roots.driver_root, lib.host_path)
+            for libs in (libraries, libraries32)
+            for g in libs.values()
+            for lib in g
+        ),
+        *((roots.driver_root, path) for paths in binaries.values() for path in paths),
+        *((roots.driver_root, path) for path in firmware),
+        *((roots.run_root, ipc.host_path) for ipc in (persistenced, fabricmanager, mps) if ipc is not None),
+    ]
+    for root, host_path in sources:
+        try:
+            pins[host_path] = pin(root, host_path)
+        except HostDiscoveryError as exc:
+            notes.add(f"refused mount source: {exc}")
     return DriverSnapshot(
         roots=roots,
         driver_version=driver_version,
@@ -484,6 +585,8 @@ def discover(
         firmware=firmware,
         device_nodes=MappingProxyType(nodes),
         missing=tuple(notes.items),
+        pins=MappingProxyType(pins),
+        invalid_nodes=MappingProxyType(invalid),
     )
 
 

@@ -19,6 +19,7 @@ from nri_plugin.errors import HostDiscoveryError
 from nri_plugin.host.discover import DEFAULT_ROOTS, discover, explain_no_driver
 from nri_plugin.host.model import DriverSnapshot, HostRoots
 from nri_plugin.host.paths import resolve_in_root
+from nri_plugin.host.pin import unique_checks, verify
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,35 @@ class HostDriver:
         self.last_error: str | None = None
         self.no_driver_reason: str | None = None
         self.refreshes = 0
+        self._pending: asyncio.Future[bool] | None = None
 
     def snapshot(self) -> DriverSnapshot | None:
         """The current snapshot; O(1), safe from any thread."""
         return self._snapshot
 
     def changed(self) -> bool:
-        """True if the host looks different from when the current snapshot was taken."""
-        return fingerprint(self.roots, self._ldcache_path) != self._fingerprint
+        """True if the host looks different from when the current snapshot was taken, or a mount
+        source of the snapshot is no longer the file discovery pinned (``host.pin``)."""
+        if fingerprint(self.roots, self._ldcache_path) != self._fingerprint:
+            return True
+        snap = self._snapshot
+        return snap is not None and verify(unique_checks(snap.pins.values())) is not None
+
+    async def refresh_soon(self, budget: float) -> bool:
+        """Re-discover now, off the loop, sharing one refresh among concurrent callers; wait for it
+        at most ``budget`` seconds. True when a refresh finished within the budget (whether or not
+        it changed anything); the refresh goes on in the background otherwise."""
+        task = self._pending
+        if task is None or task.done():
+            task = asyncio.ensure_future(asyncio.to_thread(self.refresh))
+            self._pending = task
+        try:
+            await asyncio.wait_for(asyncio.shield(task), budget)
+        except TimeoutError:
+            return False
+        except Exception:  # refresh() reports its own failures; the caller re-reads the state
+            log.exception("host driver refresh failed")
+        return True
 
     def refresh(self) -> bool:
         """Re-discover now; True if the snapshot differs from the previous one.

@@ -88,6 +88,29 @@ class Library:
 
 
 @dataclass(frozen=True, slots=True)
+class IpcPath:
+    """A daemon's socket or pipe directory, checked as :func:`~nri_plugin.host.discover.find_ipc`
+    describes (right type, trusted owner, not a symlink)."""
+
+    container_path: str  # the fixed path it gets in the container, e.g. "/run/nvidia-persistenced/socket"
+    host_path: str  # where this process found it (below the run root)
+
+
+@dataclass(frozen=True, slots=True)
+class FileId:
+    """What a path named at discovery was: re-checked with one ``lstat`` before it is mounted."""
+
+    path: str  # absolute path as this process reads it
+    dev: int
+    ino: int
+    fmt: int  # stat.S_IFMT(st_mode): S_IFREG, S_IFDIR, S_IFSOCK, ...
+    # st_ctime_ns of a file (a rewrite in place, or a new file that reuses the inode number, changes
+    # it); 0 for a directory, whose ctime changes whenever an entry is added (think /tmp).
+    ctime_ns: int = 0
+    follow: bool = False  # True only for a configured root itself (which may be a symlink)
+
+
+@dataclass(frozen=True, slots=True)
 class DriverSnapshot:
     roots: HostRoots
     driver_version: str  # "550.54.14"
@@ -101,9 +124,15 @@ class DriverSnapshot:
     libraries: Mapping[str, tuple[Library, ...]] = field(default_factory=dict)  # group -> 64-bit libs
     libraries32: Mapping[str, tuple[Library, ...]] = field(default_factory=dict)  # group -> 32-bit libs
     binaries: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # group -> host paths
-    persistenced_socket: str | None = None  # host path if present
-    fabricmanager_socket: str | None = None
-    mps_pipe_dir: str | None = None
+    persistenced_socket: IpcPath | None = None
+    fabricmanager_socket: IpcPath | None = None
+    mps_pipe_dir: IpcPath | None = None
     firmware: tuple[str, ...] = ()  # host paths of gsp*.bin for this driver version
     device_nodes: Mapping[str, DeviceNode] = field(default_factory=dict)  # container path -> node
     missing: tuple[str, ...] = ()  # human-readable notes on what was looked for and not found
+    # Every mount source above (host path) -> the chain of FileIds from its root down to the file
+    # itself, as discovery saw them. The hot path re-checks them (``host.pin.verify``) so that a
+    # file swapped after discovery is never handed to containerd.
+    pins: Mapping[str, tuple[FileId, ...]] = field(default_factory=dict)
+    # Device nodes that exist but are not what the driver says (wrong type or numbers): path -> why.
+    invalid_nodes: Mapping[str, str] = field(default_factory=dict)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 from nri_plugin.errors import HostDiscoveryError
 
@@ -19,12 +20,17 @@ from nri_plugin.errors import HostDiscoveryError
 MAX_SYMLINKS = 40
 
 
-def resolve_in_root(root: str, path: str) -> str:
+LinkCheck = Callable[[str, os.stat_result], None]
+"""Called with each symlink met while resolving (its path and ``lstat``); raises to refuse it."""
+
+
+def resolve_in_root(root: str, path: str, on_link: LinkCheck | None = None) -> str:
     """Return the host path that ``path`` denotes inside ``root``, following symlinks inside ``root``.
 
     ``path`` may be absolute or relative (both are taken relative to ``root``). Components that do not
     exist are appended unresolved, so the result can name a file that does not exist yet; it is always
-    ``root`` itself or a path below it. Raises :class:`HostDiscoveryError` on a symlink loop.
+    ``root`` itself or a path below it. Raises :class:`HostDiscoveryError` on a symlink loop, and
+    whatever ``on_link`` raises for a symlink it refuses.
     """
     if not root:
         raise HostDiscoveryError("root directory is empty: configure an absolute root such as '/'")
@@ -53,6 +59,8 @@ def resolve_in_root(root: str, path: str) -> str:
         if not stat.S_ISLNK(st.st_mode):
             resolved.append(comp)
             continue
+        if on_link is not None:
+            on_link(candidate, st)
         links += 1
         if links > MAX_SYMLINKS:
             raise HostDiscoveryError(

@@ -18,7 +18,7 @@ from nri_plugin.adjust.build import (
 )
 from nri_plugin.adjust.model import IPC_BIND_OPTIONS, RO_BIND_OPTIONS, Adjustment
 from nri_plugin.errors import ContainerError, DeviceSelectionError, RequestError
-from nri_plugin.host.model import DeviceNode, DriverSnapshot, Gpu, HostRoots, Library, MigDevice
+from nri_plugin.host.model import DeviceNode, DriverSnapshot, Gpu, HostRoots, IpcPath, Library, MigDevice
 from nri_plugin.request.model import GpuRequest
 
 VER = "550.54.14"
@@ -100,12 +100,16 @@ def snapshot(
             "utility": (ROOT + "/usr/bin/nvidia-smi", ROOT + "/usr/bin/nvidia-debugdump"),
             "compute": (ROOT + "/usr/bin/nvidia-cuda-mps-control",),
         },
-        persistenced_socket=ROOT + "/run/nvidia-persistenced/socket" if sockets else None,
-        fabricmanager_socket=ROOT + "/run/nvidia-fabricmanager/socket" if sockets else None,
-        mps_pipe_dir=ROOT + "/tmp/nvidia-mps" if sockets else None,
+        persistenced_socket=_ipc("/run/nvidia-persistenced/socket") if sockets else None,
+        fabricmanager_socket=_ipc("/run/nvidia-fabricmanager/socket") if sockets else None,
+        mps_pipe_dir=_ipc("/tmp/nvidia-mps") if sockets else None,
         firmware=(f"{ROOT}/lib/firmware/nvidia/{VER}/gsp_ga10x.bin",),
         device_nodes=nodes,
     )
+
+
+def _ipc(path: str) -> IpcPath:
+    return IpcPath(container_path=path, host_path=ROOT + path)
 
 
 def request(

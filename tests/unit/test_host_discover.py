@@ -11,7 +11,7 @@ import pytest
 from nri_plugin.errors import HostDiscoveryError
 from nri_plugin.host.discover import LIBRARY_GROUPS, discover, explain_no_driver, select_libraries
 from nri_plugin.host.ldcache import read_ldcache
-from nri_plugin.host.model import HostRoots
+from nri_plugin.host.model import HostRoots, IpcPath
 from nri_plugin.host.nvml import NvmlInfo
 from tests.fakehost import FakeGpu, FakeHost, FakeMig, build_fake_host, make_gpus, mig_cap_minor
 from tests.fakehost.builder import build_driver_lib
@@ -46,9 +46,13 @@ def test_full_host_via_nvml(full_host: FakeHost) -> None:
     utility_bins = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced")
     assert snap.binaries["utility"] == tuple(str(full_host.path(f"/usr/bin/{b}")) for b in utility_bins)
     assert len(snap.binaries["compute"]) == 2
-    assert snap.persistenced_socket == str(full_host.path("/run/nvidia-persistenced/socket"))
-    assert snap.fabricmanager_socket == str(full_host.path("/run/nvidia-fabricmanager/socket"))
-    assert snap.mps_pipe_dir == str(full_host.path("/tmp/nvidia-mps"))
+    assert snap.persistenced_socket == IpcPath(
+        "/run/nvidia-persistenced/socket", str(full_host.path("/run/nvidia-persistenced/socket"))
+    )
+    assert snap.fabricmanager_socket == IpcPath(
+        "/run/nvidia-fabricmanager/socket", str(full_host.path("/run/nvidia-fabricmanager/socket"))
+    )
+    assert snap.mps_pipe_dir == IpcPath("/tmp/nvidia-mps", str(full_host.path("/tmp/nvidia-mps")))
     assert [os.path.basename(f) for f in snap.firmware] == ["gsp_ga10x.bin", "gsp_tu10x.bin"]
     # Majors from /proc/devices; MIG minors from mig-minors.
     assert snap.char_majors["nvidia"] == 195
@@ -304,8 +308,8 @@ def test_var_run_socket_and_custom_mps_dir(tmp_path: Path) -> None:
     host.path("/srv/mps").mkdir(parents=True)
     snap = discover(host.roots, use_nvml=False, mps_pipe_dir="/srv/mps")
     assert snap is not None
-    assert snap.persistenced_socket == str(sock)
-    assert snap.mps_pipe_dir == str(host.path("/srv/mps"))
+    assert snap.persistenced_socket == IpcPath("/var/run/nvidia-persistenced/socket", str(sock))
+    assert snap.mps_pipe_dir == IpcPath("/srv/mps", str(host.path("/srv/mps")))
 
 
 def test_gpu_without_proc_minor_is_an_error(tmp_path: Path) -> None:

@@ -1,0 +1,112 @@
+"""Pinning mount sources: what discovery checked is what containerd gets, or the container fails.
+
+The plugin hands containerd *path strings*; runc resolves them when the container starts. A path
+that discovery resolved safely inside the driver root (``resolve_in_root``) can be changed
+afterwards: a compromised driver container (CVE-2024-0132 class) replaces ``libcuda.so.<ver>`` by a
+symlink to a host file, or an in-place driver upgrade deletes the file. So discovery *pins* every
+mount source: it records the device and inode of each path component from the root down to the file,
+and the file's ctime (:func:`pin`); every component below the root must be a real directory (no
+symlink) and the file itself of the expected type. The CreateContainer hot path re-checks the pins
+of exactly the sources of that container's adjustment with one ``lstat`` each (:func:`verify`, a few
+microseconds per path: see ``bench/bench.py``). A mismatch fails the container with
+:class:`~nri_plugin.errors.DriverChangedError` and triggers rediscovery.
+
+What this guarantees: at the moment the plugin answers containerd, every mount source is the very
+inode discovery checked, reached through no symlink below its root. What it cannot: a swap between
+that answer and runc's mount (at container start) is not seen by the plugin -- the window is
+bounded by the container's start, not by the plugin's lifetime as before, and the watch loop
+(``HostDriver.changed``) re-checks all pins every refresh interval as well.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+
+from nri_plugin.errors import HostDiscoveryError
+from nri_plugin.host.model import FileId
+
+_KIND = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+}
+
+
+def kind_name(fmt: int) -> str:
+    return _KIND.get(fmt, f"file type {fmt:#o}")
+
+
+def _file_id(path: str, st: os.stat_result, *, follow: bool = False) -> FileId:
+    fmt = stat.S_IFMT(st.st_mode)
+    ctime = 0 if fmt == stat.S_IFDIR else st.st_ctime_ns
+    return FileId(path=path, dev=st.st_dev, ino=st.st_ino, fmt=fmt, ctime_ns=ctime, follow=follow)
+
+
+def pin(root: str, host_path: str) -> tuple[FileId, ...]:
+    """The chain of :class:`FileId` from ``root`` (followed: a configured root may be a symlink)
+    down to ``host_path`` (not followed), which must lie below ``root``.
+
+    Raises :class:`HostDiscoveryError` when a component below the root is a symlink or not a
+    directory, or cannot be read.
+    """
+    root = os.path.abspath(root)
+    rel = os.path.relpath(host_path, root)
+    if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        raise HostDiscoveryError(f"mount source {host_path!r} is not below its root {root!r}")
+    try:
+        chain = [_file_id(root, os.stat(root), follow=True)]
+        current = root
+        parts = rel.split(os.sep)
+        for i, part in enumerate(parts):
+            current = os.path.join(current, part)
+            st = os.lstat(current)
+            last = i == len(parts) - 1
+            if stat.S_ISLNK(st.st_mode) or (not last and not stat.S_ISDIR(st.st_mode)):
+                raise HostDiscoveryError(
+                    f"mount source {host_path!r}: {current!r} is {kind_name(stat.S_IFMT(st.st_mode))}, "
+                    "expected a real directory or file (symlinks are resolved before pinning)"
+                )
+            chain.append(_file_id(current, st))
+    except OSError as exc:
+        raise HostDiscoveryError(f"cannot pin mount source {host_path!r}: {exc.strerror}") from exc
+    return tuple(chain)
+
+
+def check(pinned: FileId) -> str | None:
+    """``None`` when ``pinned.path`` is still the pinned inode, else what it is now (for errors)."""
+    try:
+        st = os.stat(pinned.path) if pinned.follow else os.lstat(pinned.path)
+    except OSError as exc:
+        return f"{pinned.path} is gone ({exc.strerror})"
+    fmt = stat.S_IFMT(st.st_mode)
+    if fmt != pinned.fmt:
+        return f"{pinned.path} is now {kind_name(fmt)}, was {kind_name(pinned.fmt)}"
+    if st.st_ino != pinned.ino or st.st_dev != pinned.dev:
+        return f"{pinned.path} was replaced (inode {pinned.dev}:{pinned.ino} -> {st.st_dev}:{st.st_ino})"
+    if pinned.ctime_ns and st.st_ctime_ns != pinned.ctime_ns:
+        return f"{pinned.path} was modified or replaced (its ctime changed)"
+    return None
+
+
+def verify(checks: Iterable[FileId]) -> str | None:
+    """The first pin in ``checks`` that no longer holds, described; ``None`` when all hold."""
+    for pinned in checks:
+        problem = check(pinned)
+        if problem is not None:
+            return problem
+    return None
+
+
+def unique_checks(chains: Iterable[tuple[FileId, ...]]) -> tuple[FileId, ...]:
+    """All pins of ``chains`` once each, in first-seen order (shared directories are checked once)."""
+    seen: dict[str, FileId] = {}
+    for chain in chains:
+        for pinned in chain:
+            seen.setdefault(pinned.path, pinned)
+    return tuple(seen.values())

@@ -1,0 +1,323 @@
+"""Issue 12, host side: IPC paths a local user can plant, files swapped after discovery, bad nodes.
+
+Each test reproduces an attack (or an accident) on a fake host and checks what the plugin hands
+containerd: never a host path outside the discovered, pinned sources, never a writable mount at a
+path the attacker chose, and a clear error where a GPU container cannot be served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from nri_plugin import config as cfg
+from nri_plugin import logs
+from nri_plugin.adjust.build import build_adjustment, plan
+from nri_plugin.adjust.model import IPC_BIND_OPTIONS
+from nri_plugin.adjust.pipeline import decide
+from nri_plugin.errors import ContainerError, DriverChangedError
+from nri_plugin.host.discover import discover
+from nri_plugin.host.driver import HostDriver
+from nri_plugin.host.model import DriverSnapshot, IpcPath
+from nri_plugin.plugin import GpuPlugin
+from nri_plugin.request.model import GpuRequest, HookConfig
+from nri_plugin.wire._gen import api_pb2 as api
+from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus
+
+ALL_CAPS = "compute,compat32,graphics,utility,video,display,ngx"
+USER = 1000
+
+
+def _host(tmp_path: Path, **kwargs: object) -> FakeHost:
+    return build_fake_host(tmp_path / "root", gpus=make_gpus(1), **kwargs)  # type: ignore[arg-type]
+
+
+def _snap(host: FakeHost, **kwargs: object) -> DriverSnapshot:
+    snap = discover(host.roots, use_nvml=False, **kwargs)  # type: ignore[arg-type]
+    assert snap is not None
+    return snap
+
+
+def _request(caps: str = "utility,compute") -> GpuRequest:
+    return GpuRequest("0", "", "", caps, (), False)
+
+
+def _ipc_mounts(snap: DriverSnapshot) -> dict[str, str]:
+    adj = build_adjustment(_request(ALL_CAPS), snap)
+    return {m.destination: m.source for m in adj.mounts if m.options == IPC_BIND_OPTIONS}
+
+
+def _replace_with_symlink(path: Path, target: str) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    path.symlink_to(target)
+
+
+# --- 1. IPC paths -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["/etc", "/", "../../etc"])
+def test_mps_dir_symlink_is_refused(tmp_path: Path, target: str) -> None:
+    host = _host(tmp_path)
+    host.path("/etc").mkdir(exist_ok=True)
+    _replace_with_symlink(host.path("/tmp/nvidia-mps"), target)
+    snap = _snap(host)
+    assert snap.mps_pipe_dir is None
+    assert any(
+        n.startswith("refused ipc path /tmp/nvidia-mps:") and "is a symlink" in n for n in snap.missing
+    )
+    mounts = _ipc_mounts(snap)
+    assert "/tmp/nvidia-mps" not in mounts
+    assert "/etc" not in mounts and "/" not in mounts
+    # nothing writable points at the symlink's target, whatever its destination
+    assert all(not src.endswith("/etc") and src != str(host.root) for src in mounts.values())
+
+
+@pytest.mark.parametrize("candidate", ["/run/nvidia-persistenced/socket", "/run/nvidia-fabricmanager/socket"])
+def test_socket_symlink_is_refused(tmp_path: Path, candidate: str) -> None:
+    host = _host(tmp_path)
+    host.path("/etc").mkdir(exist_ok=True)
+    _replace_with_symlink(host.path(candidate), "/etc")
+    snap = _snap(host)
+    assert any(n.startswith(f"refused ipc path {candidate}:") for n in snap.missing), snap.missing
+    assert candidate not in _ipc_mounts(snap)
+
+
+def test_mps_dir_owned_by_a_local_user_is_refused(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    os.chown(host.path("/tmp/nvidia-mps"), USER, USER)
+    snap = _snap(host)
+    assert snap.mps_pipe_dir is None
+    assert any("owned by uid 1000, not root" in n for n in snap.missing), snap.missing
+    assert "/tmp/nvidia-mps" not in _ipc_mounts(snap)
+
+
+def test_regular_file_is_not_a_socket_and_socket_is_not_a_dir(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    sock = host.path("/run/nvidia-persistenced/socket")
+    sock.unlink()
+    sock.write_text("not a socket")
+    shutil.rmtree(host.path("/tmp/nvidia-mps"))
+    os.mknod(host.path("/tmp/nvidia-mps"), stat.S_IFSOCK | 0o600)
+    snap = _snap(host)
+    assert snap.persistenced_socket is None and snap.mps_pipe_dir is None
+    assert any("is a regular file, not a socket" in n for n in snap.missing), snap.missing
+    assert any("is a socket, not a directory" in n for n in snap.missing), snap.missing
+
+
+def test_privilege_dropping_daemon_socket_is_accepted(tmp_path: Path) -> None:
+    """``nvidia-persistenced --user nvpd`` owns its run directory and socket: trusted, since only
+    root can create a directory in /run."""
+    host = _host(tmp_path)
+    run_dir = host.path("/run/nvidia-persistenced")
+    os.chown(run_dir, USER, USER)
+    os.chmod(run_dir, 0o755)
+    os.chown(run_dir / "socket", USER, USER)
+    os.chmod(host.path("/run"), 0o755)
+    snap = _snap(host)
+    assert snap.persistenced_socket is not None
+    # ... but not when the directory is writable by others, or in a world-writable parent
+    os.chmod(run_dir, 0o777)
+    assert _snap(host).persistenced_socket is None
+    os.chmod(run_dir, 0o755)
+    os.chmod(host.path("/run"), 0o1777)
+    assert _snap(host).persistenced_socket is None
+
+
+def test_symlinked_parent_only_when_root_owned(tmp_path: Path) -> None:
+    host = _host(tmp_path, with_sockets=False)
+    host.path("/run/nvidia-persistenced").mkdir(parents=True)
+    os.mknod(host.path("/run/nvidia-persistenced/socket"), stat.S_IFSOCK | 0o666)
+    host.path("/var").mkdir(exist_ok=True)
+    os.symlink("/run", host.path("/var/run"))  # as on every systemd host
+    found = _snap(host).persistenced_socket
+    assert found == IpcPath(
+        "/run/nvidia-persistenced/socket", str(host.path("/run/nvidia-persistenced/socket"))
+    )
+    shutil.rmtree(host.path("/run/nvidia-persistenced"))
+    host.path("/srv/p").mkdir(parents=True)
+    os.mknod(host.path("/srv/p/socket"), stat.S_IFSOCK | 0o666)
+    os.symlink("/srv/p", host.path("/run/nvidia-persistenced"))
+    os.lchown(host.path("/run/nvidia-persistenced"), USER, USER)
+    snap = _snap(host)
+    assert snap.persistenced_socket is None
+    assert any("is a symlink owned by uid 1000, not root" in n for n in snap.missing), snap.missing
+
+
+def test_ipc_destination_is_the_fixed_container_path(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    mounts = _ipc_mounts(_snap(host))
+    assert mounts == {
+        "/run/nvidia-persistenced/socket": str(host.path("/run/nvidia-persistenced/socket")),
+        "/run/nvidia-fabricmanager/socket": str(host.path("/run/nvidia-fabricmanager/socket")),
+        "/tmp/nvidia-mps": str(host.path("/tmp/nvidia-mps")),
+    }
+
+
+# --- 2. pinned mount sources -------------------------------------------------------------------
+
+
+def test_every_mount_source_is_pinned(tmp_path: Path) -> None:
+    host = _host(tmp_path, compat32=True)
+    snap = _snap(host)
+    chosen = plan(_request(ALL_CAPS), snap)
+    assert chosen.unpinned == ()
+    sources = {m.source for m in chosen.adjustment.mounts}
+    pinned = {c.path for c in chosen.checks}
+    assert sources <= pinned
+    # shared directories are checked once, and the root's chain is part of it
+    assert len(pinned) == len(chosen.checks)
+    assert str(host.root) in pinned and str(host.path("/usr/lib/x86_64-linux-gnu")) in pinned
+
+
+def _decide(snap: DriverSnapshot, caps: str = "utility,compute") -> None:
+    env = ["NVIDIA_VISIBLE_DEVICES=0", f"NVIDIA_DRIVER_CAPABILITIES={caps}"]
+    decide(env, [], False, HookConfig(), snap)
+
+
+def test_library_swapped_for_a_symlink_is_refused(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    driver = HostDriver(host.roots, use_nvml=False)
+    driver.refresh()
+    snap = driver.snapshot()
+    assert snap is not None and not driver.changed()
+    _decide(snap)  # fine before
+    lib = host.path(f"{host.lib_dir}/libcuda.so.{host.driver_version}")
+    secret = host.path("/etc/shadow")
+    secret.parent.mkdir(exist_ok=True)
+    secret.write_text("root:x:::")
+    _replace_with_symlink(lib, "/etc/shadow")
+    with pytest.raises(DriverChangedError, match=f"{lib} is now a symlink, was a regular file"):
+        _decide(snap)
+    # the watch loop sees it too (the ld.so.cache and /dev did not change)
+    assert driver.changed()
+
+
+def test_directory_swapped_for_a_symlink_is_refused(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    snap = _snap(host)
+    lib_dir = host.path(host.lib_dir)
+    copy = host.path("/srv/evil")
+    shutil.copytree(lib_dir, copy, symlinks=True)
+    lib_dir.rename(host.path("/srv/orig"))
+    lib_dir.symlink_to("/srv/evil")
+    with pytest.raises(DriverChangedError, match=f"{lib_dir} is now a symlink, was a directory"):
+        _decide(snap)
+
+
+def test_upgraded_file_is_refused_and_rediscovered(tmp_path: Path) -> None:
+    """An in-place upgrade replaces the files: the old snapshot must not mount them; the plugin
+    rediscovers at once and the very same CreateContainer succeeds on the new snapshot."""
+    host = _host(tmp_path)
+    plugin = _plugin(host)
+    lib = host.path(f"{host.lib_dir}/libnvidia-ml.so.{host.driver_version}")
+    data = lib.read_bytes()
+    lib.unlink()
+    with pytest.raises(DriverChangedError, match="is gone"):
+        _decide(plugin.driver.snapshot() or pytest.fail("no snapshot"))
+    lib.write_bytes(data)  # the new file: same name, new inode
+    resp = asyncio.run(plugin.create_container(POD, _container()))
+    assert any(m.source == str(lib) for m in resp.adjust.mounts)
+    records = [json.loads(line) for line in plugin.log_buf.getvalue().splitlines()]  # type: ignore[attr-defined]
+    assert any(r["msg"] == "host driver changed under a snapshot; rediscovering" for r in records)
+    assert any(r["msg"] == "host driver rediscovered" for r in records)
+
+
+def test_swapped_library_fails_the_container_after_rediscovery(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    plugin = _plugin(host)
+    lib = host.path(f"{host.lib_dir}/libcuda.so.{host.driver_version}")
+    host.path("/etc").mkdir(exist_ok=True)
+    host.path("/etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    _replace_with_symlink(lib, "/etc/passwd")
+    with pytest.raises(ContainerError, match=r"driver library libcuda\.so\.\* .* was not found"):
+        asyncio.run(plugin.create_container(POD, _container()))
+
+
+POD = api.PodSandbox(id="pod", name="p", namespace="ns")
+
+
+def _container(caps: str = "utility,compute") -> api.Container:
+    return api.Container(
+        id="c1", name="c", env=["NVIDIA_VISIBLE_DEVICES=0", f"NVIDIA_DRIVER_CAPABILITIES={caps}"]
+    )
+
+
+def _plugin(host: FakeHost) -> GpuPlugin:
+    root = str(host.root)
+    flags = cfg.layer_from_flags(
+        {
+            "nvidia-container-cli.root": root,
+            "nri-plugin.dev-root": root,
+            "nri-plugin.proc-root": f"{root}/proc",
+            "nri-plugin.sys-root": f"{root}/sys",
+            "nri-plugin.run-root": root,
+            "nri-plugin.use-nvml": False,
+        }
+    )
+    buf = io.StringIO()
+    plugin = GpuPlugin(
+        file_layer=cfg.Layer("test file"),
+        flag_layer=flags,
+        logger=logs.Logger(logs.StreamSink(buf, "json"), logs.Level.INFO),
+    )
+    plugin.log_buf = buf  # type: ignore[attr-defined]
+    asyncio.run(plugin.discover())
+    return plugin
+
+
+# --- libraries and device nodes that are there but wrong -----------------------------------------
+
+
+def test_no_libraries_fails_instead_of_starting_without_driver(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    cache = host.path("/etc/ld.so.cache")
+    cache.unlink()
+    cache.symlink_to("/nonexistent/ld.so.cache")  # redirected: discovery falls back to /proc
+    snap = discover(host.roots, use_nvml=False)
+    assert snap is not None and not snap.libraries
+    with pytest.raises(ContainerError, match=r"'compute', but the driver library libcuda\.so\.\*"):
+        _decide(snap)
+    with pytest.raises(ContainerError, match=r"'utility', but the driver library libnvidia-ml\.so\.\*"):
+        _decide(snap, "utility")
+
+
+def test_wrong_uvm_major_fails_the_container(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    uvm = host.path("/dev/nvidia-uvm")
+    uvm.unlink()
+    os.mknod(uvm, stat.S_IFCHR | 0o666, os.makedev(499, 0))
+    snap = _snap(host)
+    assert "/dev/nvidia-uvm" in snap.invalid_nodes
+    with pytest.raises(ContainerError, match=r"unified memory device.*/dev/nvidia-uvm exists but is wrong"):
+        _decide(snap)
+    _decide(snap, "utility")  # utility does not use UVM
+
+
+def test_absent_uvm_is_still_optional(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    host.path("/dev/nvidia-uvm").unlink()
+    host.path("/dev/nvidia-uvm-tools").unlink()
+    _decide(_snap(host))
+
+
+def test_socket_mount_source_is_a_real_socket(tmp_path: Path) -> None:
+    """A real listening socket (as persistenced makes) passes the checks and is pinned."""
+    host = _host(tmp_path, with_sockets=False)
+    path = host.path("/run/nvidia-persistenced/socket")
+    path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        snap = _snap(host)
+        assert snap.persistenced_socket is not None
+        assert str(path) in snap.pins
