@@ -64,6 +64,25 @@ class Record:
 # Formatting
 
 
+FIELD_MAX = 2048  # characters of one string field value (or of one element of a list value)
+LIST_MAX = 256  # elements of one list field value
+
+
+def bounded(value: object) -> object:
+    """``value`` with long strings cut to :data:`FIELD_MAX` (and long lists to :data:`LIST_MAX`),
+    each with a note of the real size: a container-controlled value never makes a 1 MiB line."""
+    if isinstance(value, str):
+        if len(value) <= FIELD_MAX:
+            return value
+        return f"{value[:FIELD_MAX]}... ({len(value)} characters in all)"
+    if isinstance(value, list | tuple):
+        items = [bounded(v) for v in value[:LIST_MAX]]
+        if len(value) > LIST_MAX:
+            items.append(f"... ({len(value)} items in all)")
+        return items
+    return value
+
+
 def format_ts(ts: float) -> str:
     """RFC 3339, UTC, milliseconds: ``2024-05-01T12:00:00.123Z``."""
     secs = int(ts)
@@ -137,11 +156,33 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
+def _escape_unprintable(text: str) -> str:
+    """``\\uXXXX`` for every character that is not printable (C1 controls such as U+009B, which a
+    terminal takes as CSI; U+2028/U+2029, which JavaScript and many log viewers take as line
+    breaks; DEL; format characters). ``json.dumps`` already escaped the C0 controls."""
+    if text.isascii() and "\x7f" not in text:
+        return text
+    out: list[str] = []
+    for c in text:
+        if c.isprintable() or c == " ":
+            out.append(c)
+        else:
+            code = ord(c)
+            if code > 0xFFFF:
+                code -= 0x10000
+                out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+            else:
+                out.append(f"\\u{code:04x}")
+    return "".join(out)
+
+
 def format_json(rec: Record) -> str:
     doc: dict[str, object] = {"ts": format_ts(rec.ts), "level": _LEVEL_NAMES[rec.level], "msg": rec.msg}
     for k, v in rec.fields.items():
         doc[k if k not in ("ts", "level", "msg") else f"field.{k}"] = v
-    return json.dumps(doc, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+    return _escape_unprintable(
+        json.dumps(doc, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+    )
 
 
 FORMATTERS = {"logfmt": format_logfmt, "json": format_json}
@@ -329,7 +370,8 @@ class Logger:
     def log(self, level: Level, msg: str, fields: Mapping[str, object]) -> None:
         if level < self._out.level:
             return
-        rec = Record(time.time(), level, msg, {**self._context, **fields} if self._context else fields)
+        merged = {**self._context, **fields} if self._context else fields
+        rec = Record(time.time(), level, msg, {k: bounded(v) for k, v in merged.items()})
         try:
             self._out.sink.emit(rec)
         except Exception:  # a logging failure must never take the daemon down

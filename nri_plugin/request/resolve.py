@@ -30,6 +30,12 @@ import logging
 from collections.abc import Mapping, Sequence
 
 from nri_plugin.errors import RequestError
+from nri_plugin.request.limits import (
+    MAX_DEVICE_MOUNTS,
+    MAX_REQUIREMENT_TOTAL,
+    PATH_LIMIT,
+    checked,
+)
 from nri_plugin.request.model import (
     ALL_DRIVER_CAPABILITIES,
     DEFAULT_DRIVER_CAPABILITIES,
@@ -130,11 +136,11 @@ _EOF = ""
 _UINT32_MAX = 0xFFFFFFFF
 
 
+_GO_SPACES = frozenset(chr(c) for lo, hi in _GO_SPACE_RANGES for c in range(lo, hi + 1))
+
+
 def _go_is_space(ch: str) -> bool:
-    if ch == _EOF:
-        return False
-    code = ord(ch)
-    return any(lo <= code <= hi for lo, hi in _GO_SPACE_RANGES)
+    return ch in _GO_SPACES  # "" (EOF) is not in it
 
 
 class _ScanFailed(Exception):
@@ -298,8 +304,9 @@ def _is_legacy_image(env: Mapping[str, str]) -> bool:
 def _devices_from_envvar(env: Mapping[str, str], legacy: bool, config: HookConfig) -> str | None:
     devices: str | None = None
     for name in (*split_list(config.swarm_resource), ENV_VISIBLE_DEVICES):
-        if name in env:  # Deviation 1: the first present variable wins
-            devices = env[name]
+        value = checked(env, name)
+        if value is not None:  # Deviation 1: the first present variable wins
+            devices = value
             break
     if devices is None and legacy:
         return "all"
@@ -316,6 +323,8 @@ _VOLUME_ROOT = go_clean_path(DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT)
 def _devices_from_mounts(mounts: Sequence[Mount]) -> str | None:
     devices: list[str] = []
     for mount in mounts:
+        if len(mount.source) > PATH_LIMIT or len(mount.destination) > PATH_LIMIT:
+            continue  # not a path the kernel could mount, hence not a device request
         if go_clean_path(mount.source) != "/dev/null":
             continue
         destination = go_clean_path(mount.destination)
@@ -328,6 +337,11 @@ def _devices_from_mounts(mounts: Sequence[Mount]) -> str | None:
         if not device:
             continue
         devices.append(device)
+        if len(devices) > MAX_DEVICE_MOUNTS:
+            raise RequestError(
+                f"more than {MAX_DEVICE_MOUNTS} device-list mounts under {DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT} "
+                "(the NVIDIA NRI plugin's limit); request at most one mount per device, or 'all'"
+            )
     if not devices:
         return None
     return ",".join(devices)
@@ -362,7 +376,7 @@ def _driver_capabilities(env: Mapping[str, str], legacy: bool, config: HookConfi
     def allowed(cap: str) -> bool:
         return supports_all or cap in supported
 
-    requested = env.get(ENV_DRIVER_CAPABILITIES)
+    requested = checked(env, ENV_DRIVER_CAPABILITIES)
     if requested is None and legacy:
         return ",".join(c for c in _ALL_CAPS_ORDER if allowed(c))
     if requested is None or requested == "":
@@ -384,9 +398,16 @@ def _driver_capabilities(env: Mapping[str, str], legacy: bool, config: HookConfi
 
 def _requirements(env: Mapping[str, str], legacy: bool) -> tuple[str, ...]:
     names = sorted(name for name in env if name.startswith(ENV_REQUIRE_PREFIX))
-    requirements = [env[name] for name in names]
+    requirements = [checked(env, name) or "" for name in names]
+    total = sum(map(len, requirements))
+    if total > MAX_REQUIREMENT_TOTAL:
+        raise RequestError(
+            f"the NVIDIA_REQUIRE_* variables ({len(names)}: {', '.join(names)[:200]}) are {total} "
+            f"characters long together, over the NVIDIA NRI plugin's limit of {MAX_REQUIREMENT_TOTAL}; "
+            "no real image needs that much: fix the image or pod spec that sets them"
+        )
     if legacy:
-        major, minor, _ = parse_cuda_version(env[ENV_CUDA_VERSION])
+        major, minor, _ = parse_cuda_version(checked(env, ENV_CUDA_VERSION) or "")
         requirements.append(f"cuda>={major}.{minor}")
     return tuple(requirements)
 
@@ -409,17 +430,19 @@ def resolve_request(
     if devices is None:
         return None
 
-    mig_config = variables.get(ENV_MIG_CONFIG_DEVICES, "")
+    mig_config = checked(variables, ENV_MIG_CONFIG_DEVICES) or ""
     if not privileged and mig_config != "":
         raise RequestError("cannot set MIG_CONFIG_DEVICES in non privileged container")
 
-    mig_monitor = variables.get(ENV_MIG_MONITOR_DEVICES, "")
+    mig_monitor = checked(variables, ENV_MIG_MONITOR_DEVICES) or ""
     if not privileged and mig_monitor != "":
         raise RequestError("cannot set MIG_MONITOR_DEVICES in non privileged container")
 
     capabilities = _driver_capabilities(variables, legacy, config)
     requirements = _requirements(variables, legacy)
-    disable_require = bool(parse_go_bool(variables.get(ENV_DISABLE_REQUIRE, ""))) or config.disable_require
+    disable_require = (
+        bool(parse_go_bool(checked(variables, ENV_DISABLE_REQUIRE) or "")) or config.disable_require
+    )
 
     return GpuRequest(
         devices=devices,

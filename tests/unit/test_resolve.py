@@ -634,5 +634,8 @@ def test_parse_cuda_version_huge_numbers_follow_go_not_python_int_limits() -> No
     assert str(info.value) == f"invalid CUDA version: {huge}"
     with pytest.raises(RequestError):
         parse_cuda_version(f"12.4.{huge}")  # like "12.4.4294967296": every format fails
-    request = resolve_request([f"CUDA_VERSION={zeros}11.{zeros}8"], [], True)
+    # Through the request, such a value is over the CUDA_VERSION limit (issue 12: bounded work).
+    request = resolve_request([f"CUDA_VERSION={'0' * 100}11.{'0' * 100}8"], [], True)
     assert request is not None and request.requirements == ("cuda>=11.8",)
+    with pytest.raises(RequestError, match=r"CUDA_VERSION='0000.*over the NVIDIA NRI plugin's limit of 256"):
+        resolve_request([f"CUDA_VERSION={zeros}11.{zeros}8"], [], True)
