@@ -35,7 +35,12 @@ EXIT_CODES_HELP = """exit codes:
 INSTALL_MARKER = (
     "# written by `nvidia-nri-plugin install`; remove with `nvidia-nri-plugin install --uninstall`"
 )
-LAUNCHED_DISCOVERY_BUDGET_S = 3.0
+# How long start-up waits for the first driver discovery before registering anyway. Registration
+# must not wait for a slow or hanging NVML (nvmlInit can take many seconds without persistence
+# mode): while the plugin is not registered, containerd creates GPU containers without GPUs (NRI
+# fails open), whereas a registered plugin fails them with "driver discovery in progress" until the
+# snapshot exists. The short wait only keeps the usual log order (discovered, then registered).
+DISCOVERY_WAIT_S = 0.5
 CAPABILITIES = ("compute", "compat32", "graphics", "utility", "video", "display", "ngx")
 
 
@@ -350,8 +355,7 @@ async def _serve(
         notifier=Notifier(environ),
         stub_counts=counts,
     )
-    # A launched plugin's 5 s registration timer is already running: bound the wait for discovery.
-    await plugin.discover(budget=LAUNCHED_DISCOVERY_BUDGET_S if launched else None)
+    await plugin.discover(budget=DISCOVERY_WAIT_S)
     stub = Stub.from_environment(
         plugin,
         name=settings.plugin_name,

@@ -240,17 +240,25 @@ class GpuPlugin(Plugin):
         t0 = time.perf_counter()
         try:
             env, mounts, privileged = request_inputs(container)
+            driver = self.driver
             try:
-                decision = decide(env, mounts, privileged, self.settings.hook, self.driver.snapshot())
+                decision = decide(
+                    env,
+                    mounts,
+                    privileged,
+                    self.settings.hook,
+                    driver.snapshot(),
+                    discovery_pending=driver.pending,
+                )
             except DriverChangedError as changed:
                 # A mount source is not what discovery pinned: an in-place driver upgrade or a
                 # swapped file. Rediscover at once (bounded: containerd waits 2 s for us) and decide
                 # again on the new snapshot; a still-changed or slow host fails this container.
                 self.log.warning("host driver changed under a snapshot; rediscovering", error=str(changed))
-                if not await self.driver.refresh_soon(REDISCOVER_BUDGET_S):
+                if not await driver.refresh_soon(REDISCOVER_BUDGET_S):
                     raise
                 self._log_snapshot("host driver rediscovered", (time.perf_counter() - t0) * 1000)
-                decision = decide(env, mounts, privileged, self.settings.hook, self.driver.snapshot())
+                decision = decide(env, mounts, privileged, self.settings.hook, driver.snapshot())
             if decision.request is None:
                 self.metrics.skipped(time.perf_counter() - t0)
                 if self.log.enabled(logs.Level.DEBUG):

@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from nri_plugin.adjust.build import plan, select_for_request
 from nri_plugin.adjust.model import EMPTY_ADJUSTMENT, Adjustment
 from nri_plugin.adjust.select import Selection
-from nri_plugin.errors import ContainerError, DriverChangedError, DriverNotFoundError
+from nri_plugin.errors import (
+    ContainerError,
+    DiscoveryPendingError,
+    DriverChangedError,
+    DriverNotFoundError,
+)
 from nri_plugin.host.model import DriverSnapshot, FileId, Gpu
 from nri_plugin.host.pin import verify
 from nri_plugin.request.model import (
@@ -74,13 +79,25 @@ def decide(
     privileged: bool,
     config: HookConfig,
     snapshot: DriverSnapshot | None,
+    *,
+    discovery_pending: bool = False,
 ) -> Decision:
-    """Decide the adjustment for one container; raises a ``ContainerError`` to fail it."""
+    """Decide the adjustment for one container; raises a ``ContainerError`` to fail it.
+
+    ``discovery_pending``: no snapshot yet because the first discovery is still running (the
+    plugin registers without waiting for it), not because the host has no driver.
+    """
     if not may_request_gpus(env, mounts, config):
         return NO_GPU
     request = resolve_request(env, mounts, privileged, config)
     if request is None:
         return NO_GPU
+    if snapshot is None and discovery_pending:
+        raise DiscoveryPendingError(
+            "NVIDIA driver discovery is still in progress on this node (the plugin has just started, "
+            "and NVML can take seconds to initialize); the container was not created so that it "
+            "does not start without its GPUs: retry it (kubelet does so by itself)"
+        )
     if snapshot is None:
         shown = request.devices or "none"
         raise DriverNotFoundError(

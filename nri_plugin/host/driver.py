@@ -95,6 +95,7 @@ class HostDriver:
         self.last_error: str | None = None
         self.no_driver_reason: str | None = None
         self.refreshes = 0
+        self.attempts = 0  # refreshes finished, failed ones included
         self._pending: asyncio.Future[bool] | None = None
 
     def snapshot(self) -> DriverSnapshot | None:
@@ -131,23 +132,34 @@ class HostDriver:
         On failure the previous snapshot stays in place and ``last_error`` says why.
         """
         with self._lock:
-            before = fingerprint(self.roots, self._ldcache_path)
             try:
-                new = self._discover_fn(self.roots, **self._kwargs)
-            except (HostDiscoveryError, OSError) as exc:
-                self.last_error = f"host driver discovery failed (keeping the previous state): {exc}"
-                log.warning("%s", self.last_error)
-                self._fingerprint = before
-                return False
-            self.refreshes += 1
-            self.last_error = None
-            self.no_driver_reason = (
-                None if new is not None else explain_no_driver(self.roots, ldcache_path=self._ldcache_path)
-            )
+                return self._refresh_locked()
+            finally:
+                self.attempts += 1
+
+    @property
+    def pending(self) -> bool:
+        """True until the first discovery has finished (successfully or not)."""
+        return self.attempts == 0
+
+    def _refresh_locked(self) -> bool:
+        before = fingerprint(self.roots, self._ldcache_path)
+        try:
+            new = self._discover_fn(self.roots, **self._kwargs)
+        except (HostDiscoveryError, OSError) as exc:
+            self.last_error = f"host driver discovery failed (keeping the previous state): {exc}"
+            log.warning("%s", self.last_error)
             self._fingerprint = before
-            old = self._snapshot
-            self._snapshot = new
-            return old != new
+            return False
+        self.refreshes += 1
+        self.last_error = None
+        self.no_driver_reason = (
+            None if new is not None else explain_no_driver(self.roots, ldcache_path=self._ldcache_path)
+        )
+        self._fingerprint = before
+        old = self._snapshot
+        self._snapshot = new
+        return old != new
 
     async def watch(self, interval: float = 10.0) -> None:
         """Poll :meth:`changed` every ``interval`` seconds; refresh in a thread when it is True."""

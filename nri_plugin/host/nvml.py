@@ -180,14 +180,25 @@ def parse_nvml_json(text: str) -> NvmlInfo:
         raise HostDiscoveryError(f"the NVML helper printed unusable output ({exc}): {text[:200]!r}") from exc
 
 
+# The child runs isolated: ``-I`` (no PYTHONPATH, no user site, neither the current directory nor
+# a script directory on sys.path), cwd "/", a fixed environment. Only the directory this package
+# was loaded from is added, so the child runs the daemon's own code and nothing a local user left
+# in the daemon's working directory (a ``pynvml.py`` there once ran as root).
+_CHILD_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from nri_plugin.host.nvml import _child_main; raise SystemExit(_child_main(sys.argv[2:]))"
+)
+CHILD_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
 def query_nvml(lib_path: str, *, timeout: float = DEFAULT_TIMEOUT, python: str = sys.executable) -> NvmlInfo:
     """Run the NVML helper for ``lib_path`` in a child process and return what it found."""
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
-    cmd = [python, "-m", "nri_plugin.host.nvml", "--lib", lib_path]
+    cmd = [python, "-I", "-c", _CHILD_BOOT, package_parent, "--lib", lib_path]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=dict(CHILD_ENV), cwd="/", check=False
+        )
     except subprocess.TimeoutExpired as exc:
         raise HostDiscoveryError(
             f"the NVML query of {lib_path!r} did not finish within {timeout:g}s; the driver may be hung or "

@@ -216,11 +216,11 @@ hook_configs = st.one_of(st.just(HookConfig()), any_hook_config)  # the default:
 
 
 def outcome(
-    container: api.Container, config: HookConfig, snap: DriverSnapshot | None
+    container: api.Container, config: HookConfig, snap: DriverSnapshot | None, *, pending: bool = False
 ) -> Decision | ContainerError:
     env, mount_list, privileged = request_inputs(container)
     try:
-        return decide(env, mount_list, privileged, config, snap)
+        return decide(env, mount_list, privileged, config, snap, discovery_pending=pending)
     except ContainerError as exc:
         return exc
 
@@ -386,7 +386,9 @@ def test_create_container_answers_or_fails_that_container(
     except ContainerError as exc:
         response = exc
     event(f"{which}: {kind(response)}")
-    expected = outcome(container, plugin.settings.hook, plugin.driver.snapshot())
+    expected = outcome(
+        container, plugin.settings.hook, plugin.driver.snapshot(), pending=plugin.driver.pending
+    )
     if isinstance(expected, ContainerError):
         assert isinstance(response, ContainerError), response
         assert (type(response), str(response)) == (type(expected), str(expected))

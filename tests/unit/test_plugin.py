@@ -160,7 +160,7 @@ def test_container_error_is_logged_and_reraised(harness: Harness) -> None:
 def test_unexpected_exception_becomes_internal_container_error(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(*args: object) -> object:
+    def broken(*args: object, **kwargs: object) -> object:
         raise KeyError("surprise")
 
     monkeypatch.setattr(plugin_mod, "decide", broken)

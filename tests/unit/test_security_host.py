@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,11 @@ from nri_plugin import logs
 from nri_plugin.adjust.build import build_adjustment, plan
 from nri_plugin.adjust.model import IPC_BIND_OPTIONS
 from nri_plugin.adjust.pipeline import decide
-from nri_plugin.errors import ContainerError, DriverChangedError
+from nri_plugin.errors import ContainerError, DiscoveryPendingError, DriverChangedError
 from nri_plugin.host.discover import discover
 from nri_plugin.host.driver import HostDriver
 from nri_plugin.host.model import DriverSnapshot, IpcPath
+from nri_plugin.host.nvml import query_nvml
 from nri_plugin.plugin import GpuPlugin
 from nri_plugin.request.model import GpuRequest, HookConfig
 from nri_plugin.wire._gen import api_pb2 as api
@@ -253,7 +255,7 @@ def _container(caps: str = "utility,compute") -> api.Container:
     )
 
 
-def _plugin(host: FakeHost) -> GpuPlugin:
+def _plugin(host: FakeHost, *, discover: bool = True) -> GpuPlugin:
     root = str(host.root)
     flags = cfg.layer_from_flags(
         {
@@ -272,7 +274,8 @@ def _plugin(host: FakeHost) -> GpuPlugin:
         logger=logs.Logger(logs.StreamSink(buf, "json"), logs.Level.INFO),
     )
     plugin.log_buf = buf  # type: ignore[attr-defined]
-    asyncio.run(plugin.discover())
+    if discover:
+        asyncio.run(plugin.discover())
     return plugin
 
 
@@ -321,3 +324,56 @@ def test_socket_mount_source_is_a_real_socket(tmp_path: Path) -> None:
         snap = _snap(host)
         assert snap.persistenced_socket is not None
         assert str(path) in snap.pins
+
+
+# --- the NVML helper runs isolated ------------------------------------------------------------
+
+
+def test_nvml_helper_ignores_cwd_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    host = build_fake_host(tmp_path / "root", gpus=make_gpus(1), capabilities_libs=("utility",))
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "pwned"
+    for name in ("pynvml.py", "json.py", "argparse.py"):
+        (evil / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.chdir(evil)
+    monkeypatch.setenv("PYTHONPATH", str(evil))
+    monkeypatch.setenv("PYTHONSTARTUP", str(evil / "pynvml.py"))
+    lib = str(host.path(f"{host.lib_dir}/libnvidia-ml.so.1"))
+    info = query_nvml(lib)
+    assert [g.uuid for g in info.gpus] == [g.uuid for g in host.gpus]
+    assert not marker.exists()
+
+
+# --- registration does not wait for discovery -------------------------------------------------
+
+
+def test_gpu_container_fails_while_discovery_is_pending(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    release = threading.Event()
+
+    def slow_discover(roots: object, **kwargs: object) -> DriverSnapshot | None:
+        release.wait(10)
+        return discover(host.roots, use_nvml=False)
+
+    plugin = _plugin(host, discover=False)
+    plugin.driver = HostDriver(host.roots, discover_fn=slow_discover)
+
+    async def scenario() -> None:
+        await plugin.discover(budget=0.05)  # returns: discovery goes on in the background
+        assert plugin.driver.pending
+        with pytest.raises(DiscoveryPendingError, match="driver discovery is still in progress"):
+            await plugin.create_container(POD, _container())
+        # a container that asks for no GPU is not affected
+        assert await plugin.create_container(POD, api.Container(id="x", env=["PATH=/bin"])) == (
+            api.CreateContainerResponse()
+        )
+        release.set()
+        for _ in range(200):
+            if not plugin.driver.pending:
+                break
+            await asyncio.sleep(0.01)
+        resp = await plugin.create_container(POD, _container())
+        assert len(resp.adjust.linux.devices) >= 2
+
+    asyncio.run(scenario())
