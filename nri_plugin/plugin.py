@@ -137,7 +137,10 @@ class GpuPlugin(Plugin):
             ms=round(ms, 1),
         )
         for note in snap.missing:
-            self.log.debug("host driver: not found", note=note)
+            if note.startswith("refused"):  # present but unsafe to mount: the operator must know
+                self.log.warning("host driver: refused", note=note)
+            else:
+                self.log.debug("host driver: not found", note=note)
 
     def start_background(self) -> None:
         """Start the driver watch and (if configured) the metrics endpoint; needs a running loop."""

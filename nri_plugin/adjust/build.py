@@ -75,7 +75,7 @@ from typing import Generic, TypeVar
 
 from nri_plugin.adjust.model import IPC_BIND_OPTIONS, RO_BIND_OPTIONS, Adjustment, MountEdit
 from nri_plugin.adjust.select import Selection, select_devices, show_id
-from nri_plugin.errors import ContainerError, RequestError
+from nri_plugin.errors import ContainerError, DriverChangedError, RequestError
 from nri_plugin.host.model import (
     DeviceNode,
     DriverSnapshot,
@@ -87,7 +87,7 @@ from nri_plugin.host.model import (
     MigDevice,
 )
 from nri_plugin.host.paths import strip_root
-from nri_plugin.host.pin import unique_checks
+from nri_plugin.host.pin import unique_checks, verify
 from nri_plugin.request.model import ALL_DRIVER_CAPABILITIES, GpuRequest, split_list
 
 LIB_DIRS_64 = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
@@ -237,6 +237,12 @@ def _check_key_libraries(snapshot: DriverSnapshot, caps: frozenset[str]) -> None
             continue
         group, prefix = key
         if not any(lib.soname.startswith(prefix) for lib in snapshot.libraries.get(group, ())):
+            changed = verify(snapshot.rejected)
+            if changed is not None:  # e.g. the library that was a dangling link is back
+                raise DriverChangedError(
+                    f"the driver library {prefix}* was unusable at discovery and has changed since "
+                    f"({changed}); rediscovering"
+                )
             raise ContainerError(
                 f"NVIDIA_DRIVER_CAPABILITIES includes {cap!r}, but the driver library {prefix}* "
                 f"(driver {snapshot.driver_version}) was not found through the ld.so.cache of the "

@@ -40,7 +40,7 @@ from nri_plugin.host.model import (
 )
 from nri_plugin.host.nvml import NvmlInfo, query_nvml
 from nri_plugin.host.paths import resolve_in_root
-from nri_plugin.host.pin import kind_name, pin
+from nri_plugin.host.pin import kind_name, pin, pin_resolution, unique_checks
 from nri_plugin.host.procfs import (
     parse_driver_version,
     parse_key_values,
@@ -172,8 +172,12 @@ def select_libraries(
     notes: _Notes | None = None,
     *,
     is_32bit: bool = False,
+    rejected: list[str] | None = None,
 ) -> dict[str, tuple[Library, ...]]:
-    """Group -> libraries of ``arch`` from ``entries`` (see module doc for the rules)."""
+    """Group -> libraries of ``arch`` from ``entries`` (see module doc for the rules).
+
+    ``rejected`` collects the cache values (paths inside the root) of candidates that did not pass.
+    """
     wanted: list[tuple[str, str]] = []  # (group, prefix), each prefix once, group order kept
     seen: set[str] = set()
     for group, prefixes in LIBRARY_GROUPS.items():
@@ -201,6 +205,8 @@ def select_libraries(
                 chosen[prefix] = Library(
                     soname=entry.key, host_path=host_path, file_name=file_name, is_32bit=is_32bit
                 )
+            elif rejected is not None:
+                rejected.append(entry.value)
             break
     out: dict[str, tuple[Library, ...]] = {}
     for group, prefix in wanted:
@@ -536,7 +542,10 @@ def discover(
 
     char_majors = _char_majors(roots.proc_root)
     mig_minors = _proc_mig_minors(roots.proc_root)
-    libraries = select_libraries(entries, roots.driver_root, arches.native, driver_version, notes)
+    rejected: list[str] = []
+    libraries = select_libraries(
+        entries, roots.driver_root, arches.native, driver_version, notes, rejected=rejected
+    )
     libraries32: dict[str, tuple[Library, ...]] = {}
     if arches.compat32 is not None:
         libraries32 = select_libraries(
@@ -586,6 +595,7 @@ def discover(
         device_nodes=MappingProxyType(nodes),
         missing=tuple(notes.items),
         pins=MappingProxyType(pins),
+        rejected=unique_checks(pin_resolution(roots.driver_root, value) for value in rejected),
         invalid_nodes=MappingProxyType(invalid),
     )
 

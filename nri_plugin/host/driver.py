@@ -108,7 +108,9 @@ class HostDriver:
         if fingerprint(self.roots, self._ldcache_path) != self._fingerprint:
             return True
         snap = self._snapshot
-        return snap is not None and verify(unique_checks(snap.pins.values())) is not None
+        if snap is None:
+            return False
+        return verify(unique_checks(snap.pins.values())) is not None or verify(snap.rejected) is not None
 
     async def refresh_soon(self, budget: float) -> bool:
         """Re-discover now, off the loop, sharing one refresh among concurrent callers; wait for it

@@ -134,5 +134,8 @@ class DriverSnapshot:
     # itself, as discovery saw them. The hot path re-checks them (``host.pin.verify``) so that a
     # file swapped after discovery is never handed to containerd.
     pins: Mapping[str, tuple[FileId, ...]] = field(default_factory=dict)
+    # What the library candidates that discovery rejected resolved through (``pin_resolution``):
+    # a change there (a dangling libcuda link repaired) makes a rediscovery worthwhile.
+    rejected: tuple[FileId, ...] = ()
     # Device nodes that exist but are not what the driver says (wrong type or numbers): path -> why.
     invalid_nodes: Mapping[str, str] = field(default_factory=dict)

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 
 from nri_plugin.errors import HostDiscoveryError
 from nri_plugin.host.model import FileId
+from nri_plugin.host.paths import resolve_in_root
 
 _KIND = {
     stat.S_IFREG: "a regular file",
@@ -78,12 +79,40 @@ def pin(root: str, host_path: str) -> tuple[FileId, ...]:
     return tuple(chain)
 
 
+ABSENT = 0  # FileId.fmt of a path that did not exist when it was pinned
+
+
+def pin_resolution(root: str, path: str) -> tuple[FileId, ...]:
+    """Pins of what ``path`` (inside ``root``) resolves through: every symlink on the way and the
+    final path, which may be absent (``fmt`` :data:`ABSENT`). For paths discovery looked at and
+    rejected (a library candidate that was a dangling link or had the wrong version): when one of
+    them changes, a rediscovery may find what is missing now. Unreadable paths give no pins."""
+    links: list[FileId] = []
+
+    def on_link(link: str, st: os.stat_result) -> None:
+        links.append(_file_id(link, st))
+
+    try:
+        final = resolve_in_root(root, path, on_link=on_link)
+        try:
+            links.append(_file_id(final, os.lstat(final)))
+        except FileNotFoundError:
+            links.append(FileId(path=final, dev=0, ino=0, fmt=ABSENT))
+    except (OSError, HostDiscoveryError):
+        return ()
+    return tuple(links)
+
+
 def check(pinned: FileId) -> str | None:
     """``None`` when ``pinned.path`` is still the pinned inode, else what it is now (for errors)."""
     try:
         st = os.stat(pinned.path) if pinned.follow else os.lstat(pinned.path)
     except OSError as exc:
+        if pinned.fmt == ABSENT and isinstance(exc, FileNotFoundError):
+            return None
         return f"{pinned.path} is gone ({exc.strerror})"
+    if pinned.fmt == ABSENT:
+        return f"{pinned.path} appeared"
     fmt = stat.S_IFMT(st.st_mode)
     if fmt != pinned.fmt:
         return f"{pinned.path} is now {kind_name(fmt)}, was {kind_name(pinned.fmt)}"

@@ -16,7 +16,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 from nri_plugin.errors import NriPluginError, ProtocolError
 from nri_plugin.wire import mux, ttrpc
@@ -27,6 +28,40 @@ Handler = Callable[[bytes], Awaitable[bytes]]
 
 READ_SIZE = 256 * 1024
 CLOSE_FLUSH_TIMEOUT = 1.0  # seconds close() lets unsent bytes drain before dropping them
+# Requests from the runtime being handled or waiting to be answered. containerd has a handful in
+# flight at most; past this a request is answered ResourceExhausted at once, so a peer that sends
+# requests and never reads the replies cannot make us buffer them without bound.
+MAX_OUTSTANDING = 128
+# A write that cannot drain in this time means the peer stopped reading: the connection is closed.
+WRITE_TIMEOUT = 10.0
+
+
+class _LogLimiter:
+    """At most ``burst`` log lines per ``interval`` seconds for one kind of peer misbehaviour; the
+    next line allowed says how many were suppressed."""
+
+    __slots__ = ("_burst", "_interval", "_left", "_since", "suppressed")
+
+    def __init__(self, burst: int = 5, interval: float = 10.0) -> None:
+        self._burst = burst
+        self._interval = interval
+        self._left = burst
+        self._since = 0.0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> bool:
+        if now - self._since >= self._interval:
+            self._since = now
+            self._left = self._burst
+        if self._left > 0:
+            self._left -= 1
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n
 
 
 class ConnectionClosed(NriPluginError):
@@ -57,6 +92,7 @@ class Connection:
         self._writer: asyncio.StreamWriter | None = None
         self._closed = asyncio.Event()
         self.close_reason: str | None = None
+        self._noisy = _LogLimiter()
 
     @property
     def closed(self) -> bool:
@@ -103,18 +139,20 @@ class Connection:
         return self.close_reason or reason
 
     def _receive(self, data: bytes) -> None:
+        immediate: list[bytes] = []  # answers that need no handler, written in one piece
         for frame in self._mux.feed(data):
             if frame.conn_id == mux.PLUGIN_SERVICE_CONN:
                 for event in self._server.receive_data(frame.payload):
                     if isinstance(event, ttrpc.RequestRejected):
-                        self._log.warning(
-                            "nri connection: rejected request on stream %d: %s",
-                            event.stream_id,
-                            event.message,
-                        )
-                        self._spawn(
-                            self._send_plugin_conn(
-                                self._server.send_error(event.stream_id, event.code, event.message)
+                        self._warn("rejected request on stream %d: %s", event.stream_id, event.message)
+                        immediate.append(self._server.send_error(event.stream_id, event.code, event.message))
+                    elif len(self._tasks) >= MAX_OUTSTANDING:
+                        self._warn("too many outstanding requests; refusing %s", event.method)
+                        immediate.append(
+                            self._server.send_error(
+                                event.stream_id,
+                                Code.RESOURCE_EXHAUSTED,
+                                f"more than {MAX_OUTSTANDING} outstanding requests",
                             )
                         )
                     else:
@@ -124,8 +162,18 @@ class Connection:
                     fut = self._calls.pop(response.stream_id, None)
                     if fut is not None and not fut.done():
                         fut.set_result(response)
-            else:  # the Go mux drops frames for connections it has not opened
+            elif self._noisy.allow(time.monotonic()):  # the Go mux drops frames for unknown conns
                 self._log.debug("nri connection: dropped frame for unknown mux connection %d", frame.conn_id)
+        if immediate and len(self._tasks) < MAX_OUTSTANDING:
+            self._spawn(self._send_plugin_conn(b"".join(immediate), framed=False))
+
+    def _warn(self, fmt: str, *args: object) -> None:
+        if self._noisy.allow(time.monotonic()):
+            suppressed = self._noisy.take_suppressed()
+            if suppressed:
+                fmt += " (%d similar messages suppressed)"
+                args = (*args, suppressed)
+            self._log.warning("nri connection: " + fmt, *args)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -159,9 +207,14 @@ class Connection:
                 reply = self._server.send_response(req.stream_id, payload)
         await self._send_plugin_conn(reply)
 
-    async def _send_plugin_conn(self, message: bytes) -> None:
+    async def _send_plugin_conn(self, message: bytes, *, framed: bool = True) -> None:
+        """Send one ttrpc message (``framed=False``: several, concatenated) on mux conn 1."""
         try:
-            await self._write(mux.encode_message(mux.PLUGIN_SERVICE_CONN, message))
+            if framed:
+                data = mux.encode_message(mux.PLUGIN_SERVICE_CONN, message)
+            else:
+                data = b"".join(_frames_of(message))
+            await self._write(data)
         except ConnectionClosed as exc:  # the runtime went away; nobody is left to answer
             self._log.debug("nri connection: response dropped: %s", exc)
 
@@ -171,7 +224,13 @@ class Connection:
         async with self._write_lock:
             try:
                 self._writer.write(data)
-                await self._writer.drain()
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await self._writer.drain()
+            except TimeoutError:
+                unsent = self._writer.transport.get_write_buffer_size()
+                reason = f"the peer read nothing for {WRITE_TIMEOUT:g} s ({unsent} bytes unsent)"
+                self._spawn(self.close(reason))
+                raise ConnectionClosed(f"NRI connection given up: {reason}") from None
             except (ConnectionError, OSError) as exc:
                 self._spawn(self.close(f"socket error while writing: {exc!r}"))
                 raise ConnectionClosed(f"NRI connection lost while writing: {exc!r}") from exc
@@ -232,3 +291,13 @@ class Connection:
                 self._on_close(reason)
             except Exception:
                 self._log.exception("nri connection: on_close callback failed")
+
+
+def _frames_of(messages: bytes) -> Iterator[bytes]:
+    """Mux frames for a concatenation of whole ttrpc messages (each framed like a Go sender)."""
+    pos = 0
+    while pos < len(messages):
+        length = ttrpc.HEADER.unpack_from(messages, pos)[0]
+        end = pos + ttrpc.HEADER_SIZE + length
+        yield mux.encode_message(mux.PLUGIN_SERVICE_CONN, messages[pos:end])
+        pos = end

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from nri_plugin.errors import NriPluginError
+from nri_plugin.errors import NriPluginError, ProtocolError
 from nri_plugin.wire._gen import ttrpc_pb2
 
 HEADER = struct.Struct(">IIBB")
@@ -185,14 +185,26 @@ def encode_response(stream_id: int, payload: bytes = b"", code: int = 0, message
     return encode_message(stream_id, TYPE_RESPONSE, response.SerializeToString())
 
 
+# Protocol violations (even or reused stream ids, data frames, undecodable requests) answered
+# like the Go server before the connection is given up: containerd never sends one, so more than
+# a few mean a broken or hostile peer -- e.g. a frame of zeros is ~1.6 M bogus 10-byte messages.
+MAX_VIOLATIONS = 8
+
+
 class ServerConnection:
-    """Our ttrpc server on one connection: requests in, responses out."""
+    """Our ttrpc server on one connection: requests in, responses out.
 
-    __slots__ = ("_last_stream_id", "_reader")
+    :meth:`receive_data` raises :class:`ProtocolError` once the peer has violated the protocol more
+    than ``max_violations`` times (the violations before are answered, as the Go server does).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_last_stream_id", "_max_violations", "_reader", "violations")
+
+    def __init__(self, max_violations: int = MAX_VIOLATIONS) -> None:
         self._reader = MessageReader()
         self._last_stream_id = 0
+        self._max_violations = max_violations
+        self.violations = 0
 
     def receive_data(self, data: bytes) -> list[RequestReceived | RequestRejected]:
         events: list[RequestReceived | RequestRejected] = []
@@ -203,6 +215,13 @@ class ServerConnection:
                 )
                 continue
             event = self._check(msg)
+            if isinstance(event, RequestRejected):
+                self.violations += 1
+                if self.violations > self._max_violations:
+                    raise ProtocolError(
+                        f"more than {self._max_violations} ttrpc protocol violations by the peer "
+                        f"(last: stream {event.stream_id}: {event.message}); closing the connection"
+                    )
             if event is not None:
                 events.append(event)
         return events

@@ -1,0 +1,243 @@
+"""Issue 12 end to end: the attacks of the adversarial run, replayed on containerd 1.7 and 2.1.
+
+The real daemon (``nvidia-nri-plugin run``) serves a fresh fake host per test; each test plants
+what an attacker on the node would and checks the final OCI spec and what the container sees.
+
+``test_planted_ipc_symlinks_are_not_mounted``
+    A local user's ``/tmp/nvidia-mps -> /etc`` and a fabricmanager socket ``-> /``: before the fix
+    every compute container got ``/etc`` read-write at ``/etc`` (resp. failed to start).
+``test_swapped_library_is_refused_then_recovers``
+    The driver root's libcuda is replaced by a symlink to a host file after discovery
+    (CVE-2024-0132 class). containerd must never get that path: the create fails with a clear
+    error; once the file is back, the next container is served without a restart.
+``test_in_place_driver_upgrade_serves_the_next_container``
+    The files are replaced by new ones (new inodes), as a driver upgrade does: the very next GPU
+    container is served with the new files (before: 7-10 s of failures, mounts of deleted files).
+``test_hostile_flood_does_not_disconnect_the_plugin``
+    Unprivileged containers with a 1.5 MiB ``CUDA_VERSION``, 1 MiB device lists and long
+    requirements, created in a loop beside GPU containers: no disconnect, 0 GPU containers
+    without GPUs.
+``test_registers_while_nvml_is_slow``
+    nvmlInit sleeps: the plugin registers at once; a GPU container in that window fails with
+    "driver discovery in progress" (instead of starting without GPUs), and works afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakehost import FakeHost
+
+from .containerd import Containerd
+from .cri import ContainerRequest, CriClient, CriError, Pod
+from .gpu_plugin_runner import (
+    GpuPluginProcess,
+    build_e2e_host,
+    mounts_by_destination,
+    nvidia_devices,
+    run_in_pod,
+)
+from .images import BuiltImages
+
+GPU_ENV = {"NVIDIA_VISIBLE_DEVICES": "0", "NVIDIA_DRIVER_CAPABILITIES": "compute,utility"}
+MIB = 1 << 20
+
+
+@pytest.fixture
+def host(e2e_base: Path) -> FakeHost:
+    return build_e2e_host(e2e_base / "security", 1)
+
+
+@pytest.fixture
+def pod(cri: CriClient) -> Iterator[Pod]:
+    with cri.pod("security") as p:
+        yield p
+
+
+def _plugin(containerd: Containerd, host: FakeHost, name: str) -> GpuPluginProcess:
+    containerd.ensure_running()
+    return GpuPluginProcess(host, containerd.nri_socket, host.root.parent / f"{name}-{containerd.version}")
+
+
+def _gpu(cri: CriClient, pod: Pod, images: BuiltImages, script: str, name: str) -> tuple[dict, str, int]:  # type: ignore[type-arg]
+    result = run_in_pod(
+        cri,
+        pod,
+        ContainerRequest(
+            image=images.refs["debian-layout"], command=["sh", "-c", script], env=GPU_ENV, name=name
+        ),
+    )
+    return result.spec, result.log, result.exit_code
+
+
+def _replace_with_symlink(path: Path, target: str) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    path.symlink_to(target)
+
+
+def test_planted_ipc_symlinks_are_not_mounted(
+    containerd: Containerd, cri: CriClient, pod: Pod, host: FakeHost, e2e_images: BuiltImages
+) -> None:
+    etc = host.path("/etc")
+    (etc / "shadow").write_text("root:SECRET-HASH:19000::::::\n")
+    _replace_with_symlink(host.path("/tmp/nvidia-mps"), "/etc")
+    _replace_with_symlink(host.path("/run/nvidia-fabricmanager/socket"), "/")
+    with _plugin(containerd, host, "ipc") as plugin:
+        spec, log, code = _gpu(
+            cri, pod, e2e_images, "cat /etc/shadow 2>&1; ls /tmp/nvidia-mps 2>&1; /usr/bin/gpu-probe", "ipc"
+        )
+        notes = plugin.find("host driver: refused")
+    assert code == 0, log
+    assert "SECRET-HASH" not in log
+    assert "PROBE_OK" in log, log
+    mounts = mounts_by_destination(spec)
+    for dest in ("/etc", "/", "/tmp/nvidia-mps", "/run/nvidia-fabricmanager/socket"):
+        assert dest not in mounts, mounts.get(dest)
+    sources = {str(m.get("source", "")) for m in mounts.values()}
+    assert str(etc) not in sources and str(host.root) not in sources
+    assert nvidia_devices(spec), spec.get("linux")
+    refused = {r.fields.get("note", "") for r in notes}
+    assert any(str(n).startswith("refused ipc path /tmp/nvidia-mps:") for n in refused), refused
+    assert any(str(n).startswith("refused ipc path /run/nvidia-fabricmanager/socket:") for n in refused)
+
+
+def test_swapped_library_is_refused_then_recovers(
+    containerd: Containerd, cri: CriClient, pod: Pod, host: FakeHost, e2e_images: BuiltImages
+) -> None:
+    lib = host.path(f"{host.lib_dir}/libcuda.so.{host.driver_version}")
+    saved = lib.parent / "saved-libcuda"
+    shutil.copy2(lib, saved)
+    with _plugin(containerd, host, "swap") as plugin:
+        _, log, code = _gpu(cri, pod, e2e_images, "/usr/bin/gpu-probe", "before")
+        assert code == 0 and "PROBE_OK" in log, log
+        # The attacker: libcuda -> a real host file outside the driver root. runc follows such a
+        # symlink when it mounts; the plugin must not hand containerd that path at all.
+        _replace_with_symlink(lib, "/etc/hostname")
+        with pytest.raises(CriError) as info:
+            _gpu(cri, pod, e2e_images, "cat /usr/lib/x86_64-linux-gnu/libcuda.so.1", "swapped")
+        assert "libcuda.so" in info.value.message and "not found" in info.value.message, info.value.message
+        assert plugin.find("host driver changed under a snapshot; rediscovering")
+        # Repaired: the very next container is served again (rediscovery, no restart).
+        lib.unlink()
+        shutil.copy2(saved, lib)
+        _, log, code = _gpu(cri, pod, e2e_images, "/usr/bin/gpu-probe", "after")
+        assert code == 0 and "PROBE_OK" in log, log
+
+
+def test_in_place_driver_upgrade_serves_the_next_container(
+    containerd: Containerd, cri: CriClient, pod: Pod, host: FakeHost, e2e_images: BuiltImages
+) -> None:
+    with _plugin(containerd, host, "upgrade") as plugin:
+        _, log, code = _gpu(cri, pod, e2e_images, "/usr/bin/gpu-probe", "old")
+        assert code == 0, log
+        replaced: list[Path] = []
+        for rel in (*host.libraries["compute"], *host.libraries["utility"]):
+            path = host.path(rel)
+            new = path.with_name(path.name + ".new")
+            shutil.copy2(path, new)
+            os.replace(new, path)  # a new inode under the old name, as a package upgrade does
+            replaced.append(path)
+        t0 = time.monotonic()
+        spec, log, code = _gpu(cri, pod, e2e_images, "/usr/bin/gpu-probe", "new")
+        elapsed = time.monotonic() - t0
+    assert code == 0 and "PROBE_OK" in log, log
+    mounts = mounts_by_destination(spec)
+    assert mounts[f"{host.lib_dir}/libcuda.so.1"]["source"] == str(host.path(host.libraries["compute"][0]))
+    assert plugin.find("host driver rediscovered")
+    assert elapsed < 10, elapsed  # served on the first try, not after the watch interval
+
+
+def test_hostile_flood_does_not_disconnect_the_plugin(
+    containerd: Containerd, cri: CriClient, pod: Pod, host: FakeHost, e2e_images: BuiltImages
+) -> None:
+    hostile_envs = [
+        {"CUDA_VERSION": " " * (3 * MIB // 2)},
+        {"NVIDIA_VISIBLE_DEVICES": "0," * (MIB // 2)},
+        {"NVIDIA_VISIBLE_DEVICES": "0", "NVIDIA_REQUIRE_X": "cuda>=1.0," * (MIB // 10)},
+    ]
+    duration = 8.0
+    stop = threading.Event()
+    hostile: list[str] = []
+    victims: list[bool] = []  # True: the GPU container's spec has its device nodes
+    errors: list[BaseException] = []
+
+    def attacker(seed: int) -> None:
+        n = seed
+        while not stop.is_set():
+            env = hostile_envs[n % len(hostile_envs)]
+            n += 1
+            try:
+                cid = cri.create_container(
+                    pod, ContainerRequest(image=e2e_images.refs["busybox"], command=["true"], env=env)
+                )
+            except CriError as exc:
+                hostile.append(exc.message)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            else:
+                cri.remove_container(cid)
+                hostile.append("created")
+
+    def victim() -> None:
+        while not stop.is_set():
+            try:
+                cid = cri.create_container(
+                    pod, ContainerRequest(image=e2e_images.refs["busybox"], command=["true"], env=GPU_ENV)
+                )
+                try:
+                    victims.append(bool(nvidia_devices(cri.container_spec(cid))))
+                finally:
+                    cri.remove_container(cid)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    with _plugin(containerd, host, "flood") as plugin:
+        threads = [threading.Thread(target=attacker, args=(i,)) for i in range(2)]
+        threads.append(threading.Thread(target=victim))
+        for t in threads:
+            t.start()
+        time.sleep(duration)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        registrations = len(plugin.find("registered"))
+        disconnects = len(plugin.find("disconnected from the runtime"))
+    assert not errors, errors
+    assert len(victims) >= 5, victims
+    assert victims.count(False) == 0, f"{victims.count(False)} of {len(victims)} GPU containers without GPUs"
+    assert hostile and all("limit" in m for m in hostile), {m[:160] for m in hostile}
+    assert (registrations, disconnects) == (1, 0)
+
+
+def test_registers_while_nvml_is_slow(
+    containerd: Containerd, cri: CriClient, pod: Pod, host: FakeHost, e2e_images: BuiltImages
+) -> None:
+    host.write_nvml_config(["init_sleep 6"])
+    plugin = _plugin(containerd, host, "slow-nvml")
+    t0 = time.monotonic()
+    try:
+        plugin.start(timeout=5)  # registered well before nvmlInit returns
+        registered_after = time.monotonic() - t0
+        with pytest.raises(CriError, match="driver discovery is still in progress"):
+            _gpu(cri, pod, e2e_images, "true", "early")
+        plugin.wait_for("host driver discovered", timeout=20)
+        _, log, code = _gpu(cri, pod, e2e_images, "/usr/bin/gpu-probe", "later")
+        assert code == 0 and "PROBE_OK" in log, log
+    finally:
+        try:
+            assert plugin.stop() == 0, plugin.diagnostics()
+        finally:
+            plugin.kill()
+    assert registered_after < 5

@@ -1,0 +1,118 @@
+"""Issue 12, wire side: a hostile or broken peer cannot make the connection grow without bound."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import socket
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import pytest
+
+from nri_plugin.errors import ProtocolError
+from nri_plugin.wire import connection as connection_mod
+from nri_plugin.wire import mux, ttrpc
+from nri_plugin.wire.connection import Connection
+
+T = TypeVar("T")
+SERVICE = "nri.pkg.api.v1alpha1.Plugin"
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def bounded() -> T:
+        async with asyncio.timeout(30):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+def test_server_gives_up_after_a_few_violations() -> None:
+    server = ttrpc.ServerConnection()
+    zeros = b"\0" * ttrpc.HEADER_SIZE * (ttrpc.MAX_VIOLATIONS + 1)
+    with pytest.raises(ProtocolError, match="protocol violations by the peer"):
+        server.receive_data(zeros)
+    server = ttrpc.ServerConnection()
+    events = server.receive_data(b"\0" * ttrpc.HEADER_SIZE * ttrpc.MAX_VIOLATIONS)
+    assert len(events) == ttrpc.MAX_VIOLATIONS  # each answered, as the Go server does
+
+
+def _request(stream_id: int, method: str = "Slow") -> bytes:
+    data = ttrpc.encode_message(
+        stream_id,
+        ttrpc.TYPE_REQUEST,
+        ttrpc.ttrpc_pb2.Request(service=SERVICE, method=method).SerializeToString(),
+    )
+    return mux.encode_message(mux.PLUGIN_SERVICE_CONN, data)
+
+
+def _read_all(sock: socket.socket, timeout: float = 2.0) -> bytes:
+    sock.settimeout(timeout)
+    out = bytearray()
+    try:
+        while chunk := sock.recv(1 << 16):
+            out += chunk
+    except TimeoutError:
+        pass
+    return bytes(out)
+
+
+def test_frame_of_zeros_closes_the_connection_quickly(caplog: pytest.LogCaptureFixture) -> None:
+    """A 16 MiB frame of zeros is ~1.6 M bogus messages: before, a log line and a task each (3 GiB)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    async def scenario() -> str:
+        conn = Connection(ours, {})
+        await conn.open()
+        serving = asyncio.ensure_future(conn.serve())
+        payload = b"\0" * (mux.MAX_FRAME_PAYLOAD)
+        await asyncio.get_running_loop().sock_sendall(
+            theirs, mux.encode_frame(mux.PLUGIN_SERVICE_CONN, payload)
+        )
+        return await serving
+
+    theirs.setblocking(False)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with caplog.at_level(logging.WARNING, logger="nri_plugin.wire.connection"):
+        reason = run(scenario())
+    assert "protocol violations" in reason, reason
+    theirs.setblocking(True)
+    answers = _read_all(theirs, 0.5)
+    assert len(answers) < 8 * 200  # at most MAX_VIOLATIONS small error responses
+    warnings = [r for r in caplog.records if "rejected request" in r.getMessage()]
+    assert len(warnings) <= 5
+    # The 16 MiB frame itself is buffered once; nothing per bogus message on top of it.
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert grown_mib < 200, grown_mib
+    theirs.close()
+
+
+def test_peer_that_never_reads_replies_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10 000 requests, replies never read: before, all replies were buffered (616 MiB)."""
+    monkeypatch.setattr(connection_mod, "WRITE_TIMEOUT", 0.5)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    peak = {"tasks": 0}
+
+    async def slow(_: bytes) -> bytes:
+        await asyncio.sleep(0.01)
+        return b"x" * 60_000
+
+    async def scenario() -> str:
+        conn = Connection(ours, {(SERVICE, "Slow"): slow})
+        await conn.open()
+        serving = asyncio.ensure_future(conn.serve())
+        loop = asyncio.get_running_loop()
+        theirs.setblocking(False)
+        burst = b"".join(_request(2 * i + 1) for i in range(10_000))
+        await loop.sock_sendall(theirs, burst)
+        while not serving.done():
+            peak["tasks"] = max(peak["tasks"], len(conn._tasks))
+            await asyncio.sleep(0.005)
+        return serving.result()
+
+    reason = run(scenario())
+    assert "read nothing" in reason, reason
+    assert peak["tasks"] <= connection_mod.MAX_OUTSTANDING + 1, peak
+    theirs.close()
