@@ -33,6 +33,7 @@ class Metrics(Protocol):
     def adjusted(self, seconds: float) -> None: ...
     def failed(self, reason: str, seconds: float) -> None: ...
     def skipped(self, seconds: float) -> None: ...
+    def unadjusted(self, count: int) -> None: ...
     def close(self) -> None: ...
 
     @property
@@ -57,6 +58,9 @@ class NullMetrics:
         pass
 
     def skipped(self, seconds: float) -> None:
+        pass
+
+    def unadjusted(self, count: int) -> None:
         pass
 
     def close(self) -> None:
@@ -136,7 +140,7 @@ class PrometheusMetrics:
         stub_counts: Callable[[], StubCounts] = StubCounts,
         snapshot: Callable[[], DriverSnapshot | None] = lambda: None,
     ) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         host, port = parse_address(address)
         self.registry: CollectorRegistry = CollectorRegistry(auto_describe=True)
@@ -156,6 +160,12 @@ class PrometheusMetrics:
             "nri_gpu_create_container_seconds",
             "CreateContainer handling time",
             buckets=CREATE_BUCKETS,
+            registry=self.registry,
+        )
+        self._unadjusted = Gauge(
+            "nri_gpu_unadjusted_containers",
+            "Containers that request GPUs but have no NVIDIA device nodes, found at the last "
+            "Synchronize (created while the plugin was not registered: NRI fails open)",
             registry=self.registry,
         )
         self.registry.register(_StateCollector(stub_counts, snapshot))
@@ -186,6 +196,9 @@ class PrometheusMetrics:
     def skipped(self, seconds: float) -> None:
         self._skipped.inc()
         self._seconds.observe(seconds)
+
+    def unadjusted(self, count: int) -> None:
+        self._unadjusted.set(count)
 
     def close(self) -> None:
         if self._server is not None:

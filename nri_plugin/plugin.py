@@ -311,6 +311,47 @@ class GpuPlugin(Plugin):
         )
         return response
 
+    async def synchronize(
+        self, pods: list[api.PodSandbox], containers: list[api.Container]
+    ) -> list[api.ContainerUpdate]:
+        """At every (re)registration: report the containers that ask for GPUs but have none.
+
+        NRI fails open: a container created while the plugin was not registered (restarting,
+        reconnecting, too slow) started without any adjustment. Each such container -- its request
+        resolves to GPUs on the current snapshot, yet its spec has no ``/dev/nvidiactl`` -- is
+        logged with its pod and counted in ``nri_gpu_unadjusted_containers``. Nothing is changed.
+        """
+        by_id = {pod.id: pod for pod in pods}
+        snap = self.driver.snapshot()
+        count = 0
+        for container in containers:
+            if container.state == api.CONTAINER_STOPPED:
+                continue
+            if any(d.path == "/dev/nvidiactl" for d in container.linux.devices):
+                continue  # adjusted by us, CDI or another injector
+            try:
+                env, mounts, privileged = request_inputs(container)
+                decision = decide(env, mounts, privileged, self.settings.hook, snap)
+            except ContainerError:
+                continue  # would have been refused; it did not ask for GPUs we could give
+            except Exception as e:  # never let one odd container break the registration
+                self.log.exception("internal error checking a synchronized container", e)
+                continue
+            if decision.request is None or not decision.adjustment.devices:
+                continue
+            count += 1
+            pod = by_id.get(container.pod_sandbox_id, api.PodSandbox(id=container.pod_sandbox_id))
+            self.log.warning(
+                "GPU container is running without its GPUs (created while the plugin was not "
+                "registered); recreate it",
+                **_who(pod, container),
+                devices=decision.request.devices,
+            )
+        self.metrics.unadjusted(count)
+        if count:
+            self.log.warning("containers without their GPUs found at Synchronize", count=count)
+        return []
+
     async def on_registered(self) -> None:
         snap = self.driver.snapshot()
         status = (

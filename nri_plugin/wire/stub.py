@@ -27,7 +27,8 @@ Lifecycle of one connection
    A handler exception fails that one call: ``rpc error: code = Unknown desc = <message>``.
 7. End. The runtime never calls Shutdown; it just closes the socket. On EOF the stub clears
    ``registered`` and calls :meth:`Plugin.on_disconnected`. An external stub reconnects with
-   capped exponential backoff (0.1 s doubling to 2 s, reset after a successful registration),
+   capped exponential backoff (0.1 s doubling to 0.5 s, reset after a successful registration;
+   a socket created or replaced meanwhile is dialled at once),
    re-registers and gets a new Configure/Synchronize; a launched stub's ``run()`` returns.
 
 ``Stub.stop()`` ends ``run()`` from anywhere in the event loop (e.g. a SIGTERM handler).
@@ -56,7 +57,11 @@ PLUGIN_SERVICE: Final = "nri.pkg.api.v1alpha1.Plugin"
 DEFAULT_SOCKET_PATH: Final = "/var/run/nri/nri.sock"
 REGISTRATION_TIMEOUT: Final = 5.0
 BACKOFF_INITIAL: Final = 0.1
-BACKOFF_MAX: Final = 2.0
+# Capped low: while the plugin is not registered, containerd creates GPU containers without GPUs.
+BACKOFF_MAX: Final = 0.5
+# While waiting to re-dial, the socket path is polled this often: a (re)created socket is dialled
+# at once instead of at the end of the backoff.
+SOCKET_POLL: Final = 0.02
 
 VALID_EVENTS_BEFORE_V0_10: Final = 0x7FF  # NRI v0.6.1 - v0.9.x: events 1..11
 VALID_EVENTS_V0_10: Final = 0x3FFF  # NRI >= v0.10: events 1..14
@@ -383,7 +388,7 @@ class Stub:
                 sock.close()
                 if not self.reconnect:
                     return
-                await self._sleep(backoff)
+                await self._wait_for_socket(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             if not first:
@@ -394,7 +399,7 @@ class Stub:
                 return
             if registered:
                 backoff = BACKOFF_INITIAL
-            await self._sleep(backoff)
+            await self._wait_for_socket(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     def _open_socket(self) -> socket.socket:
@@ -403,6 +408,27 @@ class Stub:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         return sock
+
+    def _socket_key(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.socket_path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_ctime_ns)
+
+    async def _wait_for_socket(self, seconds: float) -> None:
+        """Sleep up to ``seconds`` (or until stop()), waking early when the socket path is
+        created or replaced -- containerd listening again after a restart."""
+        before = self._socket_key()
+        deadline = asyncio.get_running_loop().time() + seconds
+        while not self._stop.is_set():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await self._sleep(min(left, SOCKET_POLL))
+            now = self._socket_key()
+            if now is not None and now != before:
+                return
 
     async def _sleep(self, seconds: float) -> None:
         try:

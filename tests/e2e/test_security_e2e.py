@@ -48,6 +48,9 @@ from .images import BuiltImages
 
 GPU_ENV = {"NVIDIA_VISIBLE_DEVICES": "0", "NVIDIA_DRIVER_CAPABILITIES": "compute,utility"}
 MIB = 1 << 20
+UNADJUSTED_MSG = (
+    "GPU container is running without its GPUs (created while the plugin was not registered); recreate it"
+)
 
 
 @pytest.fixture
@@ -241,3 +244,53 @@ def test_registers_while_nvml_is_slow(
         finally:
             plugin.kill()
     assert registered_after < 5
+
+
+def test_containers_created_while_the_plugin_was_killed_are_reported(
+    containerd: Containerd, cri: CriClient, pod: Pod, host: FakeHost, e2e_images: BuiltImages
+) -> None:
+    """NRI fails open: SIGKILL the plugin during a burst of GPU creates. Every container created
+    without its GPUs is named in the restarted plugin's Synchronize report, and no other."""
+    created: list[str] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def burst() -> None:
+        while not stop.is_set():
+            try:
+                created.append(
+                    cri.create_container(
+                        pod, ContainerRequest(image=e2e_images.refs["busybox"], command=["true"], env=GPU_ENV)
+                    )
+                )
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            time.sleep(0.02)
+
+    plugin = _plugin(containerd, host, "churn")
+    try:
+        plugin.start()
+        creator = threading.Thread(target=burst)
+        creator.start()
+        time.sleep(0.5)
+        plugin.kill()  # SIGKILL: no goodbye to containerd
+        time.sleep(1.0)
+        plugin.start()
+        time.sleep(0.5)
+        stop.set()
+        creator.join(30)
+        report = plugin.wait_for("containers without their GPUs found at Synchronize", timeout=10)
+        named = {r.fields["container_id"] for r in plugin.find(UNADJUSTED_MSG)}
+    finally:
+        stop.set()
+        try:
+            assert plugin.stop() == 0, plugin.diagnostics()
+        finally:
+            plugin.kill()
+    assert not errors, errors
+    without = {cid for cid in created if not nvidia_devices(cri.container_spec(cid))}
+    assert without, "no container was created while the plugin was down: the test proves nothing"
+    assert len(without) < len(created)
+    assert named == without, (sorted(named), sorted(without))
+    assert report.fields["count"] == len(without)

@@ -153,7 +153,8 @@ def test_unit_ordering_and_restart(unit: dict[str, dict[str, list[str]]]) -> Non
     assert "BindsTo" not in unit["Unit"] and "Requires" not in unit["Unit"]
     assert last(unit, "Unit", "StartLimitIntervalSec") == "0"
     assert last(unit, "Service", "Restart") == "always"
-    assert 0 < int(last(unit, "Service", "RestartSec")) <= 5
+    assert last(unit, "Service", "RestartSec") == "100ms"  # issue 12: fail-open window
+    assert last(unit, "Service", "RestartPreventExitStatus") == "2"  # config errors: no loop
     assert last(unit, "Install", "WantedBy") == "multi-user.target"
 
 

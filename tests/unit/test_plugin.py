@@ -42,6 +42,9 @@ class RecordingMetrics:
     def skipped(self, seconds: float) -> None:
         self.events.append(("skipped", ""))
 
+    def unadjusted(self, count: int) -> None:
+        self.events.append(("unadjusted", str(count)))
+
     def close(self) -> None:
         pass
 

@@ -377,3 +377,32 @@ def test_gpu_container_fails_while_discovery_is_pending(tmp_path: Path) -> None:
         assert len(resp.adjust.linux.devices) >= 2
 
     asyncio.run(scenario())
+
+
+# --- containers created while the plugin was away are reported at Synchronize ----------------
+
+
+def test_synchronize_reports_gpu_containers_without_gpus(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    plugin = _plugin(host)
+    seen: list[int] = []
+    plugin.metrics.unadjusted = seen.append  # type: ignore[method-assign]
+    pod = api.PodSandbox(id="p1", name="trainer", namespace="ml")
+    served = api.Container(id="c-ok", pod_sandbox_id="p1", name="ok", env=["NVIDIA_VISIBLE_DEVICES=0"])
+    served.linux.devices.add(path="/dev/nvidiactl", type="c", major=195, minor=255)
+    missed = api.Container(
+        id="c-missed", pod_sandbox_id="p1", name="missed", env=["NVIDIA_VISIBLE_DEVICES=0"]
+    )
+    cpu = api.Container(id="c-cpu", pod_sandbox_id="p1", name="cpu", env=["PATH=/bin"])
+    stopped = api.Container(
+        id="c-stopped", pod_sandbox_id="p1", env=["NVIDIA_VISIBLE_DEVICES=0"], state=api.CONTAINER_STOPPED
+    )
+    bad = api.Container(id="c-bad", pod_sandbox_id="p1", env=["NVIDIA_VISIBLE_DEVICES=99"])
+    updates = asyncio.run(plugin.synchronize([pod], [served, missed, cpu, stopped, bad]))
+    assert updates == []
+    assert seen == [1]
+    records = [json.loads(line) for line in plugin.log_buf.getvalue().splitlines()]  # type: ignore[attr-defined]
+    reported = [r for r in records if r["msg"].startswith("GPU container is running without its GPUs")]
+    assert [(r["container_id"], r["pod"], r["pod_namespace"]) for r in reported] == [
+        ("c-missed", "trainer", "ml")
+    ]

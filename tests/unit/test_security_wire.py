@@ -7,6 +7,7 @@ import logging
 import resource
 import socket
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -14,7 +15,9 @@ import pytest
 from nri_plugin.errors import ProtocolError
 from nri_plugin.wire import connection as connection_mod
 from nri_plugin.wire import mux, ttrpc
+from nri_plugin.wire._gen import api_pb2 as api
 from nri_plugin.wire.connection import Connection
+from nri_plugin.wire.stub import BACKOFF_MAX, Plugin, Stub
 
 T = TypeVar("T")
 SERVICE = "nri.pkg.api.v1alpha1.Plugin"
@@ -116,3 +119,37 @@ def test_peer_that_never_reads_replies_is_bounded(monkeypatch: pytest.MonkeyPatc
     assert "read nothing" in reason, reason
     assert peak["tasks"] <= connection_mod.MAX_OUTSTANDING + 1, peak
     theirs.close()
+
+
+class _GpuLike(Plugin):
+    async def create_container(
+        self, pod: api.PodSandbox, container: api.Container
+    ) -> api.CreateContainerResponse:
+        return api.CreateContainerResponse()
+
+
+def test_reconnect_backoff_is_capped_low() -> None:
+    assert BACKOFF_MAX <= 0.5
+
+
+def test_a_recreated_socket_is_dialled_at_once(tmp_path: Path) -> None:
+    """Waiting to re-dial, the stub wakes as soon as containerd listens again, not at the end of
+    its backoff."""
+    path = tmp_path / "nri.sock"
+    stub = Stub(_GpuLike(), name="gpu", index="10", socket_path=str(path))
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        waiting = asyncio.ensure_future(stub._wait_for_socket(5.0))
+        await asyncio.sleep(0.1)
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+        try:
+            await waiting
+        finally:
+            listener.close()
+        return loop.time() - t0
+
+    elapsed = run(scenario())
+    assert elapsed < 1.0, elapsed
