@@ -49,7 +49,11 @@ if str(REPO) not in sys.path:
 
 from nri_plugin import config as cfg  # noqa: E402
 from nri_plugin import logs  # noqa: E402
+from nri_plugin.adjust import pipeline  # noqa: E402
+from nri_plugin.adjust.build import plan  # noqa: E402
+from nri_plugin.errors import ContainerError  # noqa: E402
 from nri_plugin.plugin import GpuPlugin  # noqa: E402
+from nri_plugin.request.model import GpuRequest  # noqa: E402
 from nri_plugin.wire._gen import api_pb2 as api  # noqa: E402
 from nri_plugin.wire.stub import Plugin  # noqa: E402
 from tests.e2e.containerd import Containerd  # noqa: E402
@@ -251,23 +255,63 @@ class Bench:
             raise SystemExit(f"in-process discovery of the fake host failed: {plugin.driver.last_error}")
         out: dict[str, list[float]] = {}
 
-        async def measure() -> None:
-            for case, payload in requests.items():
-                req = api.CreateContainerRequest.FromString(payload)
-                handler: list[float] = []
-                full: list[float] = []
-                for _ in range(self.args.inproc):
-                    t0 = time.perf_counter()
-                    await plugin.create_container(req.pod, req.container)
-                    handler.append((time.perf_counter() - t0) * 1e6)
-                for _ in range(self.args.inproc):
-                    t0 = time.perf_counter()
-                    decoded = api.CreateContainerRequest.FromString(payload)
-                    rsp = await plugin.create_container(decoded.pod, decoded.container)
+        def with_env(payload: bytes, env: list[str]) -> bytes:
+            req = api.CreateContainerRequest.FromString(payload)
+            del req.container.env[:]
+            req.container.env.extend(env)
+            return req.SerializeToString()
+
+        gpu = requests["c"]
+        cases = dict(requests)
+        # Hostile input (issue 12): refused before parsing, and the worst request still accepted
+        # (every value just under its limit, all requirements true).
+        cases["h-refused"] = with_env(gpu, [f"CUDA_VERSION={' ' * (2 << 20)}"])
+        cases["h-limits"] = with_env(
+            gpu,
+            [
+                "NVIDIA_VISIBLE_DEVICES=" + ",".join(str(i % self.args.gpus) for i in range(8190)),
+                *(f"NVIDIA_REQUIRE_{c}=" + "cuda>=1.0," * 819 for c in "ABCD"),
+            ],
+        )
+
+        async def once(payload: bytes, full: bool) -> float:
+            t0 = time.perf_counter()
+            decoded = api.CreateContainerRequest.FromString(payload)
+            if not full:
+                t0 = time.perf_counter()
+            try:
+                rsp = await plugin.create_container(decoded.pod, decoded.container)
+            except ContainerError:
+                pass
+            else:
+                if full:
                     rsp.SerializeToString()
-                    full.append((time.perf_counter() - t0) * 1e6)
-                out[f"{case}-handler"] = handler
-                out[f"{case}-full"] = full
+            return (time.perf_counter() - t0) * 1e6
+
+        async def measure() -> None:
+            n = self.args.inproc
+            for case, payload in cases.items():
+                runs = n if not case.startswith("h-") else max(20, n // 40)  # ms each, not us
+                for full in (False, True):
+                    key = f"{case}-{'full' if full else 'handler'}"
+                    out[key] = [await once(payload, full) for _ in range(runs)]
+            # The hot-path re-check of the pinned mount sources (issue 12), interleaved with the
+            # same handler with the check switched off, so both see the same machine state.
+            real = pipeline.verify_plan
+            with_pins: list[float] = []
+            without: list[float] = []
+            for _ in range(n):
+                with_pins.append(await once(gpu, False))
+                pipeline.verify_plan = lambda checks, unpinned: None
+                try:
+                    without.append(await once(gpu, False))
+                finally:
+                    pipeline.verify_plan = real
+            out["c-pins"], out["c-nopins"] = with_pins, without
+            snap = plugin.driver.snapshot()
+            assert snap is not None
+            chosen = plan(GpuRequest("all", "", "", "utility,compute", (), False), snap)
+            out["pin-count"] = [float(len(chosen.checks))]
 
         asyncio.run(measure())
         logger.close()
@@ -321,12 +365,23 @@ class Bench:
             "b-full": "(b) non-GPU: decode + handler + encode",
             "c-handler": "(c) GPU, 8 GPUs: GpuPlugin.create_container",
             "c-full": "(c) GPU, 8 GPUs: decode + handler + encode",
+            "h-refused-full": "(h) hostile, refused: 2 MiB CUDA_VERSION, decode+all",
+            "h-limits-full": "(h) hostile, at limits: 8190 ids, 32 KiB reqs, decode+all",
+            "c-pins": "(c) handler, interleaved: pins re-checked",
+            "c-nopins": "(c) handler, interleaved: pin check off",
         }
         for key, label in labels.items():
             xs = inproc[key]
             lines.append(
                 f"  {label:<50}{quantile(xs, 0.5):>8.1f}{quantile(xs, 0.9):>8.1f}{quantile(xs, 0.99):>8.1f}"
             )
+        on, off = inproc["c-pins"], inproc["c-nopins"]
+        p50_on, p50_off = quantile(on, 0.5), quantile(off, 0.5)
+        lines.append(
+            f"  pin re-check: {int(inproc['pin-count'][0])} lstat per GPU container; cost p50 "
+            f"{p50_on - p50_off:+.1f} us (x{p50_on / p50_off:.2f}), "
+            f"p99 x{quantile(on, 0.99) / quantile(off, 0.99):.2f}"
+        )
         sizes = {k: len(v) for k, v in requests.items()}
         lines.append(f"  request sizes: (b) {sizes['b']} B, (c) {sizes['c']} B")
         if self.logged_ms:

@@ -561,20 +561,24 @@ def discover(
     invalid: dict[str, str] = {}
     nodes = find_device_nodes(roots.dev_root, gpus, char_majors, mig_minors, notes, invalid)
     pins: dict[str, tuple[FileId, ...]] = {}
-    sources = [
+    sources = [  # (root, host path, pinned through its directory)
         *(
-            (roots.driver_root, lib.host_path)
+            (roots.driver_root, lib.host_path, True)
             for libs in (libraries, libraries32)
-            for g in libs.values()
-            for lib in g
+            for group in libs.values()
+            for lib in group
         ),
-        *((roots.driver_root, path) for paths in binaries.values() for path in paths),
-        *((roots.driver_root, path) for path in firmware),
-        *((roots.run_root, ipc.host_path) for ipc in (persistenced, fabricmanager, mps) if ipc is not None),
+        *((roots.driver_root, path, True) for paths in binaries.values() for path in paths),
+        *((roots.driver_root, path, True) for path in firmware),
+        *(
+            (roots.run_root, ipc.host_path, False)
+            for ipc in (persistenced, fabricmanager, mps)
+            if ipc is not None
+        ),
     ]
-    for root, host_path in sources:
+    for root, host_path, by_directory in sources:
         try:
-            pins[host_path] = pin(root, host_path)
+            pins[host_path] = pin(root, host_path, by_directory=by_directory)
         except HostDiscoveryError as exc:
             notes.add(f"refused mount source: {exc}")
     return DriverSnapshot(

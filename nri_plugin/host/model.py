@@ -104,9 +104,11 @@ class FileId:
     dev: int
     ino: int
     fmt: int  # stat.S_IFMT(st_mode): S_IFREG, S_IFDIR, S_IFSOCK, ...
-    # st_ctime_ns of a file (a rewrite in place, or a new file that reuses the inode number, changes
-    # it); 0 for a directory, whose ctime changes whenever an entry is added (think /tmp).
-    ctime_ns: int = 0
+    # When non-zero, also compared: st_ctime_ns of a file (a rewrite in place, or a new file reusing
+    # the inode number, changes it), st_mtime_ns of a directory pinned for the files in it (any entry
+    # created, removed, renamed or replaced by a symlink changes it). 0 for the directories on the
+    # way, whose entries may change freely (think /tmp or /run).
+    stamp_ns: int = 0
     follow: bool = False  # True only for a configured root itself (which may be a symlink)
 
 

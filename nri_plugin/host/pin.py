@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Iterable
 
 from nri_plugin.errors import HostDiscoveryError
 from nri_plugin.host.model import FileId
 from nri_plugin.host.paths import resolve_in_root
+
+RECENT_NS = 2_000_000_000  # a directory modified less than this ago: pin its files as well
 
 _KIND = {
     stat.S_IFREG: "a regular file",
@@ -43,15 +46,24 @@ def kind_name(fmt: int) -> str:
     return _KIND.get(fmt, f"file type {fmt:#o}")
 
 
-def _file_id(path: str, st: os.stat_result, *, follow: bool = False) -> FileId:
+def _stamp(fmt: int, st: os.stat_result) -> int:
+    return st.st_mtime_ns if fmt == stat.S_IFDIR else st.st_ctime_ns
+
+
+def _file_id(path: str, st: os.stat_result, *, follow: bool = False, stamped: bool = False) -> FileId:
     fmt = stat.S_IFMT(st.st_mode)
-    ctime = 0 if fmt == stat.S_IFDIR else st.st_ctime_ns
-    return FileId(path=path, dev=st.st_dev, ino=st.st_ino, fmt=fmt, ctime_ns=ctime, follow=follow)
+    stamp = _stamp(fmt, st) if stamped else 0
+    return FileId(path=path, dev=st.st_dev, ino=st.st_ino, fmt=fmt, stamp_ns=stamp, follow=follow)
 
 
-def pin(root: str, host_path: str) -> tuple[FileId, ...]:
+def pin(root: str, host_path: str, *, by_directory: bool = False) -> tuple[FileId, ...]:
     """The chain of :class:`FileId` from ``root`` (followed: a configured root may be a symlink)
     down to ``host_path`` (not followed), which must lie below ``root``.
+
+    ``by_directory``: the file is pinned through its directory -- the chain ends at the directory,
+    stamped with its mtime, so that one check covers every driver file in it (any swap of an entry
+    changes the directory). Otherwise (IPC entries, which live in busy directories such as /tmp)
+    the chain ends at the file itself, stamped with its ctime.
 
     Raises :class:`HostDiscoveryError` when a component below the root is a symlink or not a
     directory, or cannot be read.
@@ -73,7 +85,15 @@ def pin(root: str, host_path: str) -> tuple[FileId, ...]:
                     f"mount source {host_path!r}: {current!r} is {kind_name(stat.S_IFMT(st.st_mode))}, "
                     "expected a real directory or file (symlinks are resolved before pinning)"
                 )
-            chain.append(_file_id(current, st))
+            if last and by_directory:
+                dir_st = os.lstat(chain[-1].path)
+                chain[-1] = _file_id(chain[-1].path, dir_st, stamped=True)
+                if time.time_ns() - dir_st.st_mtime_ns < RECENT_NS:
+                    # Changed just now: on a file system with coarse timestamps another change in
+                    # the same tick would not move the mtime, so the file is pinned as well.
+                    chain.append(_file_id(current, st, stamped=True))
+            else:
+                chain.append(_file_id(current, st, stamped=last))
     except OSError as exc:
         raise HostDiscoveryError(f"cannot pin mount source {host_path!r}: {exc.strerror}") from exc
     return tuple(chain)
@@ -118,8 +138,9 @@ def check(pinned: FileId) -> str | None:
         return f"{pinned.path} is now {kind_name(fmt)}, was {kind_name(pinned.fmt)}"
     if st.st_ino != pinned.ino or st.st_dev != pinned.dev:
         return f"{pinned.path} was replaced (inode {pinned.dev}:{pinned.ino} -> {st.st_dev}:{st.st_ino})"
-    if pinned.ctime_ns and st.st_ctime_ns != pinned.ctime_ns:
-        return f"{pinned.path} was modified or replaced (its ctime changed)"
+    if pinned.stamp_ns and _stamp(fmt, st) != pinned.stamp_ns:
+        what = "entries were added, removed or replaced" if fmt == stat.S_IFDIR else "it was modified"
+        return f"{pinned.path} changed ({what})"
     return None
 
 
@@ -133,9 +154,12 @@ def verify(checks: Iterable[FileId]) -> str | None:
 
 
 def unique_checks(chains: Iterable[tuple[FileId, ...]]) -> tuple[FileId, ...]:
-    """All pins of ``chains`` once each, in first-seen order (shared directories are checked once)."""
+    """All pins of ``chains`` once each, in first-seen order (shared directories are checked once;
+    a directory pinned for its files and also on the way to another wins with its stamp)."""
     seen: dict[str, FileId] = {}
     for chain in chains:
         for pinned in chain:
-            seen.setdefault(pinned.path, pinned)
+            known = seen.get(pinned.path)
+            if known is None or (pinned.stamp_ns and not known.stamp_ns):
+                seen[pinned.path] = pinned
     return tuple(seen.values())

@@ -19,6 +19,8 @@ escape.  The deliberate deviations, each tested as ``test_deviation_<n>_…``:
    entries itself when it rebuilds the environment.
 4. ``NVIDIA_DRIVER_CAPABILITIES`` is checked against ``supported-driver-capabilities`` as the
    current toolkit does; ``all`` (and the legacy default) resolve to the supported set.
+5. Every variable read has a size limit (``request.limits``), checked when it is read and before
+   it is parsed, so that one container cannot keep the handler busy past containerd's timeout.
 
 Requirements are returned sorted (by variable name, the legacy ``cuda>=X.Y`` last) because the
 seed's map iteration order is random.

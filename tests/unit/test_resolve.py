@@ -366,6 +366,16 @@ def test_deviation_3_entries_without_equals_are_ignored(caplog: pytest.LogCaptur
     assert env_map(["A", "B=1", "=x"]) == {"B": "1", "": "x"}
 
 
+def test_deviation_5_values_over_their_limit_are_refused_before_parsing() -> None:
+    huge = " " * 300
+    with pytest.raises(RequestError, match=r"^CUDA_VERSION=.* 300 characters long, over .* limit of 256"):
+        resolve_request([f"CUDA_VERSION={huge}"], [], True)
+    # the seed would have parsed it (and failed with "invalid CUDA version")
+    with pytest.raises(RequestError, match="invalid CUDA version"):
+        parse_cuda_version(huge)
+    assert resolve_request(["NVIDIA_VISIBLE_DEVICES=" + ",".join(["0"] * 8000)], [], True) is not None
+
+
 def test_deviation_4_unsupported_capability_rejected() -> None:
     env = ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DRIVER_CAPABILITIES=compute,profile,utility"]
     with pytest.raises(RequestError) as info:

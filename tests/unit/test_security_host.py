@@ -15,6 +15,7 @@ import shutil
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from nri_plugin.host.discover import discover
 from nri_plugin.host.driver import HostDriver
 from nri_plugin.host.model import DriverSnapshot, IpcPath
 from nri_plugin.host.nvml import query_nvml
+from nri_plugin.host.pin import pin
 from nri_plugin.plugin import GpuPlugin
 from nri_plugin.request.model import GpuRequest, HookConfig
 from nri_plugin.wire._gen import api_pb2 as api
@@ -169,17 +171,32 @@ def test_ipc_destination_is_the_fixed_container_path(tmp_path: Path) -> None:
 # --- 2. pinned mount sources -------------------------------------------------------------------
 
 
+def _settle(host: FakeHost) -> None:
+    """Age every directory of the fake host, as on a node where the driver was installed earlier."""
+    old = time.time() - 60
+    for path in (host.root, *host.root.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            os.utime(path, (old, old))
+
+
 def test_every_mount_source_is_pinned(tmp_path: Path) -> None:
     host = _host(tmp_path, compat32=True)
+    _settle(host)
     snap = _snap(host)
     chosen = plan(_request(ALL_CAPS), snap)
     assert chosen.unpinned == ()
-    sources = {m.source for m in chosen.adjustment.mounts}
-    pinned = {c.path for c in chosen.checks}
-    assert sources <= pinned
-    # shared directories are checked once, and the root's chain is part of it
-    assert len(pinned) == len(chosen.checks)
-    assert str(host.root) in pinned and str(host.path("/usr/lib/x86_64-linux-gnu")) in pinned
+    checked = {c.path: c for c in chosen.checks}
+    assert len(checked) == len(chosen.checks)  # shared directories are checked once
+    for mount in chosen.adjustment.mounts:
+        if mount.options == IPC_BIND_OPTIONS:  # IPC entries: the entry itself, with its ctime
+            assert checked[mount.source].stamp_ns, mount
+        else:  # driver files: through their directory, with its mtime
+            assert checked[os.path.dirname(mount.source)].stamp_ns, mount
+    # every directory on the way from the root is checked (inode only), the root included
+    for path in (str(host.root), str(host.path("/usr")), str(host.path("/usr/lib"))):
+        assert path in checked and not checked[path].stamp_ns
+    # ~55 driver files in 4 directories: far fewer checks than files
+    assert len(chosen.checks) < len({m.source for m in chosen.adjustment.mounts}) // 2
 
 
 def _decide(snap: DriverSnapshot, caps: str = "utility,compute") -> None:
@@ -199,7 +216,9 @@ def test_library_swapped_for_a_symlink_is_refused(tmp_path: Path) -> None:
     secret.parent.mkdir(exist_ok=True)
     secret.write_text("root:x:::")
     _replace_with_symlink(lib, "/etc/shadow")
-    with pytest.raises(DriverChangedError, match=f"{lib} is now a symlink, was a regular file"):
+    with pytest.raises(
+        DriverChangedError, match=rf"{lib.parent} changed \(entries were added, removed or replaced\)"
+    ):
         _decide(snap)
     # the watch loop sees it too (the ld.so.cache and /dev did not change)
     assert driver.changed()
@@ -225,7 +244,7 @@ def test_upgraded_file_is_refused_and_rediscovered(tmp_path: Path) -> None:
     lib = host.path(f"{host.lib_dir}/libnvidia-ml.so.{host.driver_version}")
     data = lib.read_bytes()
     lib.unlink()
-    with pytest.raises(DriverChangedError, match="is gone"):
+    with pytest.raises(DriverChangedError, match="entries were added, removed or replaced"):
         _decide(plugin.driver.snapshot() or pytest.fail("no snapshot"))
     lib.write_bytes(data)  # the new file: same name, new inode
     resp = asyncio.run(plugin.create_container(POD, _container()))
@@ -406,3 +425,15 @@ def test_synchronize_reports_gpu_containers_without_gpus(tmp_path: Path) -> None
     assert [(r["container_id"], r["pod"], r["pod_namespace"]) for r in reported] == [
         ("c-missed", "trainer", "ml")
     ]
+
+
+def test_recently_changed_directory_pins_its_files_too(tmp_path: Path) -> None:
+    """Coarse timestamps: a swap in the same tick as discovery must not go unseen."""
+    host = _host(tmp_path)
+    lib = host.path(f"{host.lib_dir}/libcuda.so.{host.driver_version}")
+    fresh = pin(str(host.root), str(lib), by_directory=True)
+    assert fresh[-1].path == str(lib) and fresh[-1].stamp_ns  # the directory was just built
+    old = time.time() - 60
+    os.utime(lib.parent, (old, old))
+    settled = pin(str(host.root), str(lib), by_directory=True)
+    assert settled[-1].path == str(lib.parent) and settled[-1].stamp_ns
