@@ -87,7 +87,7 @@ from nri_plugin.host.model import (
     MigDevice,
 )
 from nri_plugin.host.paths import strip_root
-from nri_plugin.host.pin import unique_checks, verify
+from nri_plugin.host.pin import hot_path_checks, unique_checks, verify
 from nri_plugin.request.model import ALL_DRIVER_CAPABILITIES, GpuRequest, split_list
 
 LIB_DIRS_64 = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
@@ -225,7 +225,7 @@ def _plan_cached(
     return Plan(
         selection,
         adjustment,
-        checks=unique_checks(pins[src] for src in sources if src in pins),
+        checks=hot_path_checks(unique_checks(pins[src] for src in sources if src in pins)),
         unpinned=tuple(src for src in sources if src not in pins),
     )
 

@@ -153,6 +153,15 @@ def verify(checks: Iterable[FileId]) -> str | None:
     return None
 
 
+def hot_path_checks(checks: Iterable[FileId]) -> tuple[FileId, ...]:
+    """The pins CreateContainer re-checks: the stamped ones only (directories holding driver
+    files, IPC entries). The directories on the way need no check of their own there: ``lstat``
+    of a stamped path resolves through them as runc will, so an ancestor swapped for a symlink to
+    other files yields another inode and is caught; one that leads to the very same inode mounts
+    the very same files. The watch loop still checks every pin of the chains."""
+    return tuple(c for c in checks if c.stamp_ns)
+
+
 def unique_checks(chains: Iterable[tuple[FileId, ...]]) -> tuple[FileId, ...]:
     """All pins of ``chains`` once each, in first-seen order (shared directories are checked once;
     a directory pinned for its files and also on the way to another wins with its stamp)."""
