@@ -12,7 +12,18 @@ from __future__ import annotations
 
 
 class NriPluginError(Exception):
-    """Base class of every error this project raises on purpose."""
+    """Base class of every error this project raises on purpose.
+
+    Each carries the status it answers an NRI call with (:meth:`status`): the gRPC/ttrpc code
+    ``code`` (a class attribute, 2 = Unknown, which is what the containerd/nri Go stub answers for a
+    handler error) and the text, which containerd hands verbatim to the CRI caller.
+    """
+
+    code: int = 2  # codes.Unknown
+
+    def status(self) -> tuple[int, str]:
+        """``(code, message)`` for the ttrpc error answer."""
+        return self.code, str(self)
 
 
 class ContainerError(NriPluginError):

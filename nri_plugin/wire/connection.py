@@ -17,10 +17,17 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from nri_plugin.errors import NriPluginError, ProtocolError
-from nri_plugin.wire import mux, ttrpc
+from nri_plugin.wire.session import (
+    FrameDropped,
+    RequestReceived,
+    RequestRejected,
+    ResponseReceived,
+    Role,
+    Session,
+)
 from nri_plugin.wire.ttrpc import Code, RpcError
 
 Handler = Callable[[bytes], Awaitable[bytes]]
@@ -82,10 +89,8 @@ class Connection:
         self._services = {service for service, _ in self._handlers}
         self._log = logger or logging.getLogger(__name__)
         self._on_close = on_close
-        self._mux = mux.MuxReader()
-        self._server = ttrpc.ServerConnection()
-        self._client = ttrpc.ClientConnection()
-        self._calls: dict[int, asyncio.Future[ttrpc.ResponseReceived]] = {}
+        self._session = Session(Role.PLUGIN)
+        self._calls: dict[int, asyncio.Future[ResponseReceived]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._write_lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
@@ -119,8 +124,10 @@ class Connection:
                 data = await self._reader.read(READ_SIZE)
                 if not data:
                     reason = "peer closed the connection (EOF)"
-                    if self._mux.buffered:
-                        reason = f"peer closed the connection (EOF) {self._mux.buffered} bytes into a frame"
+                    if self._session.buffered:
+                        reason = (
+                            f"peer closed the connection (EOF) {self._session.buffered} bytes into a frame"
+                        )
                     break
                 self._receive(data)
             else:
@@ -139,33 +146,28 @@ class Connection:
         return self.close_reason or reason
 
     def _receive(self, data: bytes) -> None:
+        session = self._session
         immediate: list[bytes] = []  # answers that need no handler, written in one piece
-        for frame in self._mux.feed(data):
-            if frame.conn_id == mux.PLUGIN_SERVICE_CONN:
-                for event in self._server.receive_data(frame.payload):
-                    if isinstance(event, ttrpc.RequestRejected):
-                        self._warn("rejected request on stream %d: %s", event.stream_id, event.message)
-                        immediate.append(self._server.send_error(event.stream_id, event.code, event.message))
-                    elif len(self._tasks) >= MAX_OUTSTANDING:
-                        self._warn("too many outstanding requests; refusing %s", event.method)
-                        immediate.append(
-                            self._server.send_error(
-                                event.stream_id,
-                                Code.RESOURCE_EXHAUSTED,
-                                f"more than {MAX_OUTSTANDING} outstanding requests",
-                            )
-                        )
-                    else:
-                        self._spawn(self._dispatch(event))
-            elif frame.conn_id == mux.RUNTIME_SERVICE_CONN:
-                for response in self._client.receive_data(frame.payload):
-                    fut = self._calls.pop(response.stream_id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(response)
-            elif self._noisy.allow(time.monotonic()):  # the Go mux drops frames for unknown conns
-                self._log.debug("nri connection: dropped frame for unknown mux connection %d", frame.conn_id)
+        for event in session.receive_data(data):
+            if isinstance(event, RequestReceived):
+                if len(self._tasks) < MAX_OUTSTANDING:
+                    self._spawn(self._dispatch(event))
+                    continue
+                self._warn("too many outstanding requests; refusing %s", event.method)
+                text = f"more than {MAX_OUTSTANDING} outstanding requests"
+                immediate.append(session.send_error(event.stream_id, Code.RESOURCE_EXHAUSTED, text))
+            elif isinstance(event, RequestRejected):
+                self._warn("rejected request on stream %d: %s", event.stream_id, event.message)
+                immediate.append(session.send_error(event.stream_id, event.code, event.message))
+            elif isinstance(event, ResponseReceived):
+                fut = self._calls.pop(event.stream_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(event)
+            elif isinstance(event, FrameDropped) and self._noisy.allow(time.monotonic()):
+                self._log.debug("nri connection: dropped frame for unknown mux connection %d", event.conn_id)
+            # MessageIgnored: an answer to nothing we await (e.g. a call we gave up on): dropped
         if immediate and len(self._tasks) < MAX_OUTSTANDING:
-            self._spawn(self._send_plugin_conn(b"".join(immediate), framed=False))
+            self._spawn(self._send(b"".join(immediate)))
 
     def _warn(self, fmt: str, *args: object) -> None:
         if self._noisy.allow(time.monotonic()):
@@ -180,42 +182,32 @@ class Connection:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _dispatch(self, req: ttrpc.RequestReceived) -> None:
+    async def _dispatch(self, req: RequestReceived) -> None:
+        session = self._session
         handler = self._handlers.get((req.service, req.method))
         if handler is None:
-            if req.service not in self._services:
-                reply = self._server.send_error(req.stream_id, Code.UNIMPLEMENTED, f"service {req.service}")
-            else:
-                reply = self._server.send_error(req.stream_id, Code.UNIMPLEMENTED, f"method {req.method}")
+            what = f"method {req.method}" if req.service in self._services else f"service {req.service}"
+            reply = session.send_error(req.stream_id, Code.UNIMPLEMENTED, what)
         else:
             try:
                 payload = await handler(req.payload)
-            except RpcError as exc:
-                reply = self._server.send_error(req.stream_id, exc.code, exc.message)
-            except NriPluginError as exc:  # ContainerError & co: the message is for the CRI caller
-                reply = self._server.send_error(req.stream_id, Code.UNKNOWN, str(exc))
             except asyncio.CancelledError:
                 raise
+            except NriPluginError as exc:  # each carries its status; the text is for the CRI caller
+                reply = session.send_error(req.stream_id, *exc.status())
             except Exception as exc:
                 self._log.exception("nri connection: handler for %s/%s failed", req.service, req.method)
-                reply = self._server.send_error(
-                    req.stream_id,
-                    Code.UNKNOWN,
-                    f"internal error in {req.method}: {type(exc).__name__}: {exc}",
-                )
+                text = f"internal error in {req.method}: {type(exc).__name__}: {exc}"
+                reply = session.send_error(req.stream_id, Code.UNKNOWN, text)
             else:
-                reply = self._server.send_response(req.stream_id, payload)
-        await self._send_plugin_conn(reply)
+                reply = session.send_response(req.stream_id, payload)
+        await self._send(reply)
 
-    async def _send_plugin_conn(self, message: bytes, *, framed: bool = True) -> None:
-        """Send one ttrpc message (``framed=False``: several, concatenated) on mux conn 1."""
+    async def _send(self, data: bytes) -> None:
+        """Write bytes the session produced; a closed connection has nobody left to answer."""
         try:
-            if framed:
-                data = mux.encode_message(mux.PLUGIN_SERVICE_CONN, message)
-            else:
-                data = b"".join(_frames_of(message))
             await self._write(data)
-        except ConnectionClosed as exc:  # the runtime went away; nobody is left to answer
+        except ConnectionClosed as exc:
             self._log.debug("nri connection: response dropped: %s", exc)
 
     async def _write(self, data: bytes) -> None:
@@ -244,12 +236,12 @@ class Connection:
         if self.closed:
             raise ConnectionClosed(f"cannot call {service}/{method}: connection closed ({self.close_reason})")
         timeout_nano = int(timeout * 1e9) if timeout is not None else 0
-        stream_id, message = self._client.send_request(service, method, request, timeout_nano)
-        fut: asyncio.Future[ttrpc.ResponseReceived] = asyncio.get_running_loop().create_future()
+        stream_id, data = self._session.send_request(service, method, request, timeout_nano)
+        fut: asyncio.Future[ResponseReceived] = asyncio.get_running_loop().create_future()
         self._calls[stream_id] = fut
         try:
             async with asyncio.timeout(timeout):  # the write too: a runtime that reads nothing
-                await self._write(mux.encode_message(mux.RUNTIME_SERVICE_CONN, message))
+                await self._write(data)
                 response = await fut
         except TimeoutError:
             raise RpcError(
@@ -257,7 +249,7 @@ class Connection:
             ) from None
         finally:
             self._calls.pop(stream_id, None)
-            self._client.forget(stream_id)
+            self._session.forget(stream_id)
         if not response.ok:
             raise RpcError(response.code, response.message)
         return response.payload
@@ -291,13 +283,3 @@ class Connection:
                 self._on_close(reason)
             except Exception:
                 self._log.exception("nri connection: on_close callback failed")
-
-
-def _frames_of(messages: bytes) -> Iterator[bytes]:
-    """Mux frames for a concatenation of whole ttrpc messages (each framed like a Go sender)."""
-    pos = 0
-    while pos < len(messages):
-        length = ttrpc.HEADER.unpack_from(messages, pos)[0]
-        end = pos + ttrpc.HEADER_SIZE + length
-        yield mux.encode_message(mux.PLUGIN_SERVICE_CONN, messages[pos:end])
-        pos = end

@@ -84,6 +84,9 @@ class RpcError(NriPluginError):
         self.code = code
         self.message = message
 
+    def status(self) -> tuple[int, str]:
+        return self.code, self.message
+
 
 def oversized_message(length: int) -> str:
     return f"message length {length} exceed maximum message size of {MESSAGE_LENGTH_MAX}"
@@ -287,6 +290,15 @@ class ResponseReceived:
         return self.code == Code.OK
 
 
+@dataclass(frozen=True, slots=True)
+class MessageIgnored:
+    """A message on the client's connection that answers nothing we asked (not a Response, or for
+    a stream id not awaited); the Go client drops these silently, and so may the caller."""
+
+    stream_id: int
+    type: int
+
+
 class ClientConnection:
     """Our ttrpc client on one connection: odd stream ids from 1, responses matched to requests."""
 
@@ -331,11 +343,12 @@ class ClientConnection:
         """Stop expecting a response (the caller gave up); a late response is then dropped."""
         self._pending.discard(stream_id)
 
-    def receive_data(self, data: bytes) -> list[ResponseReceived]:
-        events: list[ResponseReceived] = []
+    def receive_data(self, data: bytes) -> list[ResponseReceived | MessageIgnored]:
+        events: list[ResponseReceived | MessageIgnored] = []
         for msg in self._reader.feed(data):
             if msg.type != TYPE_RESPONSE or msg.stream_id not in self._pending:
-                continue  # not an answer to anything we asked: ignored like the Go client
+                events.append(MessageIgnored(msg.stream_id, msg.type))  # answers nothing we asked
+                continue
             self._pending.discard(msg.stream_id)
             if isinstance(msg, OversizedMessage):
                 events.append(

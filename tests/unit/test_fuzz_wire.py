@@ -35,6 +35,7 @@ from nri_plugin.errors import ProtocolError
 from nri_plugin.wire import mux, ttrpc
 from nri_plugin.wire._gen import api_pb2 as api
 from nri_plugin.wire._gen import ttrpc_pb2
+from nri_plugin.wire.session import FrameDropped, Role, Session
 from nri_plugin.wire.stub import PLUGIN_SERVICE, RUNTIME_SERVICE, Plugin, Stub
 
 T = TypeVar("T")
@@ -163,17 +164,13 @@ def test_ttrpc_message_reader_never_fails(data: bytes, cut_at: list[int], limit:
 
 
 def decode_like_connection(data: bytes, cut_at: list[int]) -> list[object]:
-    """What ``Connection._receive`` does with received bytes, without a socket."""
-    reader, server, client = mux.MuxReader(), ttrpc.ServerConnection(), ttrpc.ClientConnection()
+    """What ``Connection._receive`` gets from its session for the received bytes, without a socket."""
+    session = Session(Role.PLUGIN)
     for _ in range(4):
-        client.send_request(RUNTIME_SERVICE, "RegisterPlugin", b"")  # stream ids 1, 3, 5, 7 pending
+        session.send_request(RUNTIME_SERVICE, "RegisterPlugin", b"")  # stream ids 1, 3, 5, 7 pending
     events: list[object] = []
     for chunk in chunked(data, cut_at):
-        for frame in reader.feed(chunk):
-            if frame.conn_id == mux.PLUGIN_SERVICE_CONN:
-                events.extend(server.receive_data(frame.payload))
-            elif frame.conn_id == mux.RUNTIME_SERVICE_CONN:
-                events.extend(client.receive_data(frame.payload))
+        events.extend(session.receive_data(chunk))
     return events
 
 
@@ -194,6 +191,10 @@ def test_ttrpc_connections_give_events_or_protocol_error(data: bytes, cut_at: li
             )
         elif isinstance(event, ttrpc.RequestRejected):
             assert event.code in set(ttrpc.Code) - {ttrpc.Code.OK} and event.message
+        elif isinstance(event, ttrpc.MessageIgnored):
+            assert event.type != ttrpc.TYPE_RESPONSE or event.stream_id not in (1, 3, 5, 7)
+        elif isinstance(event, FrameDropped):
+            assert event.conn_id not in (mux.PLUGIN_SERVICE_CONN, mux.RUNTIME_SERVICE_CONN)
         else:
             assert isinstance(event, ttrpc.ResponseReceived), event
             assert event.stream_id in (1, 3, 5, 7)
@@ -244,10 +245,7 @@ class StrictRuntime:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
-        self.mux = mux.MuxReader()
-        self.client = ttrpc.ClientConnection()  # we call the plugin on conn 1
-        self.server = ttrpc.ServerConnection()  # the plugin calls us on conn 2
-        self.strict_conn1 = ttrpc.MessageReader()
+        self.session = Session(Role.RUNTIME)  # we call the plugin on conn 1, serve it on conn 2
         self.violations: list[str] = []
         self.requests: asyncio.Queue[ttrpc.RequestReceived] = asyncio.Queue()
         self.answers: dict[int, asyncio.Future[ttrpc.ResponseReceived]] = {}
@@ -272,25 +270,23 @@ class StrictRuntime:
             self.eof.set()
 
     def _check(self, data: bytes) -> None:
-        for frame in self.mux.feed(data):
-            if frame.conn_id == mux.PLUGIN_SERVICE_CONN:
-                for msg in self.strict_conn1.feed(frame.payload):
-                    if not isinstance(msg, ttrpc.Message) or msg.type != ttrpc.TYPE_RESPONSE:
-                        self.violations.append(f"conn 1: not a Response: {msg!r:.200}")
-                        continue
-                    ttrpc_pb2.Response.FromString(msg.data)  # DecodeError would be a violation
-                for resp in self.client.receive_data(frame.payload):
-                    fut = self.answers.pop(resp.stream_id, None)
-                    if fut is not None:
-                        fut.set_result(resp)
-            elif frame.conn_id == mux.RUNTIME_SERVICE_CONN:
-                for req in self.server.receive_data(frame.payload):
-                    if not isinstance(req, ttrpc.RequestReceived) or req.service != RUNTIME_SERVICE:
-                        self.violations.append(f"conn 2: bad request {req!r:.200}")
-                        continue
-                    self.requests.put_nowait(req)
+        for event in self.session.receive_data(data):
+            if isinstance(event, ttrpc.ResponseReceived):
+                if event.code == ttrpc.Code.INTERNAL and event.message.startswith("failed to decode"):
+                    self.violations.append(f"conn 1: undecodable Response: {event.message}")
+                fut = self.answers.pop(event.stream_id, None)
+                if fut is not None:
+                    fut.set_result(event)
+            elif isinstance(event, ttrpc.RequestReceived) and event.service == RUNTIME_SERVICE:
+                self.requests.put_nowait(event)
+            elif isinstance(event, ttrpc.MessageIgnored):
+                # an answer to the garbage we sent is fine; anything but a Response is not
+                if event.type != ttrpc.TYPE_RESPONSE:
+                    self.violations.append(f"conn 1: not a Response: {event!r}")
+            elif isinstance(event, FrameDropped):
+                self.violations.append(f"frame on unknown mux connection {event.conn_id}")
             else:
-                self.violations.append(f"frame on unknown mux connection {frame.conn_id}")
+                self.violations.append(f"conn 2: bad request {event!r:.200}")
 
     async def send(self, data: bytes) -> bool:
         """Write raw bytes; False if the plugin already closed the connection."""
@@ -302,10 +298,10 @@ class StrictRuntime:
         return True
 
     async def call(self, method: str, request: Any) -> ttrpc.ResponseReceived:
-        sid, message = self.client.send_request(PLUGIN_SERVICE, method, request.SerializeToString())
+        sid, data = self.session.send_request(PLUGIN_SERVICE, method, request.SerializeToString())
         fut: asyncio.Future[ttrpc.ResponseReceived] = asyncio.get_running_loop().create_future()
         self.answers[sid] = fut
-        await self.send(mux.encode_message(mux.PLUGIN_SERVICE_CONN, message))
+        await self.send(data)
         async with asyncio.timeout(TIMEOUT):
             return await fut
 
@@ -314,9 +310,7 @@ class StrictRuntime:
         async with asyncio.timeout(TIMEOUT):
             req = await self.requests.get()
         assert (req.service, req.method) == (RUNTIME_SERVICE, "RegisterPlugin"), req
-        await self.send(
-            mux.encode_message(mux.RUNTIME_SERVICE_CONN, self.server.send_response(req.stream_id, b""))
-        )
+        await self.send(self.session.send_response(req.stream_id, b""))
         conf = await self.call(
             "Configure", api.ConfigureRequest(runtime_name="containerd", runtime_version="v1.7.24")
         )

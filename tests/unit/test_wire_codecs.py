@@ -188,7 +188,12 @@ def test_client_uses_odd_increasing_ids_and_reads_status() -> None:
         + ttrpc.encode_message(99, ttrpc.TYPE_RESPONSE, absent)  # nobody asked: dropped
         + ttrpc.encode_message(5, ttrpc.TYPE_REQUEST, absent)  # wrong direction: dropped
     )
-    r3, r1 = client.receive_data(stream)
+    r3, r1, *dropped = client.receive_data(stream)
+    # dropped (no response), and reported as such for a strict peer to check
+    assert dropped == [
+        ttrpc.MessageIgnored(99, ttrpc.TYPE_RESPONSE),
+        ttrpc.MessageIgnored(5, ttrpc.TYPE_REQUEST),
+    ]
     assert (r3.stream_id, r3.ok, r3.payload) == (3, True, b"p")
     assert (r1.stream_id, r1.code, r1.message) == (1, 12, "method M")
     assert client.pending == frozenset({5, 7})

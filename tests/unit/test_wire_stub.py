@@ -17,6 +17,7 @@ from nri_plugin.errors import ConfigError, ContainerError
 from nri_plugin.wire import mux, ttrpc
 from nri_plugin.wire._gen import api_pb2 as api
 from nri_plugin.wire.connection import Connection, ConnectionClosed
+from nri_plugin.wire.session import Role, Session
 from nri_plugin.wire.stub import PLUGIN_SERVICE, RUNTIME_SERVICE, Plugin, Stub, event_mask
 
 T = TypeVar("T")
@@ -36,9 +37,7 @@ class FakeRuntime:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
-        self.mux = mux.MuxReader()
-        self.client = ttrpc.ClientConnection()
-        self.server = ttrpc.ServerConnection()
+        self.session = Session(Role.RUNTIME)
         self.requests: asyncio.Queue[ttrpc.RequestReceived] = asyncio.Queue()
         self.answers: dict[int, asyncio.Future[ttrpc.ResponseReceived]] = {}
         self.task = asyncio.create_task(self._read())
@@ -50,26 +49,28 @@ class FakeRuntime:
 
     async def _read(self) -> None:
         while data := await self.reader.read(65536):
-            for frame in self.mux.feed(data):
-                if frame.conn_id == mux.PLUGIN_SERVICE_CONN:
-                    for resp in self.client.receive_data(frame.payload):
-                        self.answers.pop(resp.stream_id).set_result(resp)
+            for event in self.session.receive_data(data):
+                if isinstance(event, ttrpc.ResponseReceived):
+                    self.answers.pop(event.stream_id).set_result(event)
                 else:
-                    for req in self.server.receive_data(frame.payload):
-                        assert isinstance(req, ttrpc.RequestReceived), req
-                        await self.requests.put(req)
+                    assert isinstance(event, ttrpc.RequestReceived), event
+                    await self.requests.put(event)
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
 
     async def send_raw(self, conn: int, message: bytes) -> None:
-        self.writer.write(mux.encode_message(conn, message))
-        await self.writer.drain()
+        """One ttrpc message, framed for ``conn`` (also malformed ones, for the tests)."""
+        await self.send_bytes(mux.encode_message(conn, message))
 
     async def start_call(
         self, method: str, request: Any, service: str = PLUGIN_SERVICE
     ) -> asyncio.Future[ttrpc.ResponseReceived]:
-        sid, message = self.client.send_request(service, method, request.SerializeToString(), 2_000_000_000)
+        sid, data = self.session.send_request(service, method, request.SerializeToString(), 2_000_000_000)
         fut: asyncio.Future[ttrpc.ResponseReceived] = asyncio.get_running_loop().create_future()
         self.answers[sid] = fut
-        await self.send_raw(mux.PLUGIN_SERVICE_CONN, message)
+        await self.send_bytes(data)
         return fut
 
     async def call(self, method: str, request: Any, service: str = PLUGIN_SERVICE) -> ttrpc.ResponseReceived:
@@ -83,10 +84,10 @@ class FakeRuntime:
 
     async def reply(self, stream_id: int, message: Any = None, code: int = 0, text: str = "") -> None:
         if code:
-            data = self.server.send_error(stream_id, code, text)
+            data = self.session.send_error(stream_id, code, text)
         else:
-            data = self.server.send_response(stream_id, (message or api.Empty()).SerializeToString())
-        await self.send_raw(mux.RUNTIME_SERVICE_CONN, data)
+            data = self.session.send_response(stream_id, (message or api.Empty()).SerializeToString())
+        await self.send_bytes(data)
 
     async def close(self) -> None:
         self.writer.close()
