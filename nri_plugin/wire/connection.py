@@ -17,7 +17,8 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any
 
 from nri_plugin.errors import NriPluginError, ProtocolError
 from nri_plugin.wire.session import (
@@ -28,6 +29,7 @@ from nri_plugin.wire.session import (
     Role,
     Session,
 )
+from nri_plugin.wire.tasks import TaskScope
 from nri_plugin.wire.ttrpc import Code, RpcError
 
 Handler = Callable[[bytes], Awaitable[bytes]]
@@ -91,7 +93,7 @@ class Connection:
         self._on_close = on_close
         self._session = Session(Role.PLUGIN)
         self._calls: dict[int, asyncio.Future[ResponseReceived]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskScope("nri connection", self._log)
         self._write_lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -177,10 +179,11 @@ class Connection:
                 args = (*args, suppressed)
             self._log.warning("nri connection: " + fmt, *args)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        if not self.closed:
+            self._tasks.spawn(coro)
+        else:
+            coro.close()
 
     async def _dispatch(self, req: RequestReceived) -> None:
         session = self._session
@@ -264,10 +267,7 @@ class Connection:
             if not fut.done():
                 fut.set_exception(ConnectionClosed(f"NRI connection closed: {reason}"))
         self._calls.clear()
-        current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
+        self._tasks.cancel_all(keep=asyncio.current_task())
         if self._writer is not None:
             self._writer.close()
             try:  # flushes what is still buffered, unless the peer has stopped reading

@@ -39,17 +39,20 @@ it was given.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import re
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Final
 
 from nri_plugin.errors import ConfigError
 from nri_plugin.wire._gen import api_pb2 as api
 from nri_plugin.wire.connection import Connection, ConnectionClosed, Handler
+from nri_plugin.wire.tasks import TaskScope
 from nri_plugin.wire.ttrpc import RpcError
 
 RUNTIME_SERVICE: Final = "nri.pkg.api.v1alpha1.Runtime"
@@ -160,67 +163,73 @@ class Plugin:
 
 
 @dataclass(frozen=True, slots=True)
-class _Notification:
-    handler: str  # Plugin method name
-    event: int  # api.Event value
-    rpc: str  # dedicated v0.12 RPC
-    request: type[Any]  # dedicated request message class
-    with_container: bool
+class EventRpc:
+    """One row of the event table: everything the stub derives about one NRI event.
+
+    ``handler`` is the :class:`Plugin` method; the subscription bit is ``event_bit(event)``;
+    the runtime calls the dedicated RPC ``rpc`` with a ``request`` message whose fields ``args``
+    picks out for the handler; ``respond`` turns the handler's result into the response bytes.
+    ``notification`` events reach plugins of runtimes before NRI v0.12 as ``StateChange``.
+    """
+
+    handler: str
+    event: int
+    rpc: str
+    request: type[Any]
+    args: Callable[[Any], tuple[Any, ...]]
+    respond: Callable[[Any], bytes] = lambda _: b""  # every notification's response is empty
+    notification: bool = False
 
 
-_NOTIFICATIONS: Final = (
-    _Notification("run_pod_sandbox", api.RUN_POD_SANDBOX, "RunPodSandbox", api.RunPodSandboxRequest, False),
-    _Notification(
-        "stop_pod_sandbox", api.STOP_POD_SANDBOX, "StopPodSandbox", api.StopPodSandboxRequest, False
-    ),
-    _Notification(
-        "remove_pod_sandbox", api.REMOVE_POD_SANDBOX, "RemovePodSandbox", api.RemovePodSandboxRequest, False
-    ),
-    _Notification(
-        "post_update_pod_sandbox",
-        api.POST_UPDATE_POD_SANDBOX,
-        "PostUpdatePodSandbox",
-        api.PostUpdatePodSandboxRequest,
-        False,
-    ),
-    _Notification(
-        "post_create_container",
-        api.POST_CREATE_CONTAINER,
-        "PostCreateContainer",
-        api.PostCreateContainerRequest,
-        True,
-    ),
-    _Notification("start_container", api.START_CONTAINER, "StartContainer", api.StartContainerRequest, True),
-    _Notification(
-        "post_start_container",
-        api.POST_START_CONTAINER,
-        "PostStartContainer",
-        api.PostStartContainerRequest,
-        True,
-    ),
-    _Notification(
-        "post_update_container",
-        api.POST_UPDATE_CONTAINER,
-        "PostUpdateContainer",
-        api.PostUpdateContainerRequest,
-        True,
-    ),
-    _Notification(
-        "remove_container", api.REMOVE_CONTAINER, "RemoveContainer", api.RemoveContainerRequest, True
-    ),
-)
-_NOTIFICATION_BY_EVENT: Final = {n.event: n for n in _NOTIFICATIONS}
+def _serialized(response: Any) -> bytes:
+    return bytes(response.SerializeToString())
 
-# Handlers that answer an RPC of their own (not a notification), with their event.
-_REQUEST_HANDLERS: Final = {
-    "create_container": api.CREATE_CONTAINER,
-    "update_container": api.UPDATE_CONTAINER,
-    "stop_container": api.STOP_CONTAINER,
-    "update_pod_sandbox": api.UPDATE_POD_SANDBOX,
-    "validate_container_adjustment": api.VALIDATE_CONTAINER_ADJUSTMENT,
-}
 
-EVENT_HANDLERS: Final = (*_REQUEST_HANDLERS, *(n.handler for n in _NOTIFICATIONS))
+def _pod(req: Any) -> tuple[Any, ...]:
+    return (req.pod,)
+
+
+def _pod_container(req: Any) -> tuple[Any, ...]:
+    return (req.pod, req.container)
+
+
+_UPDATE_POD_SANDBOX_RESPONSE = api.UpdatePodSandboxResponse().SerializeToString()
+
+EVENTS: Final[tuple[EventRpc, ...]] = (
+    EventRpc("create_container", api.CREATE_CONTAINER, "CreateContainer", api.CreateContainerRequest,
+             _pod_container, _serialized),
+    EventRpc("update_container", api.UPDATE_CONTAINER, "UpdateContainer", api.UpdateContainerRequest,
+             lambda r: (r.pod, r.container, r.linux_resources), _serialized),
+    EventRpc("stop_container", api.STOP_CONTAINER, "StopContainer", api.StopContainerRequest,
+             _pod_container, _serialized),
+    EventRpc("update_pod_sandbox", api.UPDATE_POD_SANDBOX, "UpdatePodSandbox", api.UpdatePodSandboxRequest,
+             lambda r: (r.pod, r.overhead_linux_resources, r.linux_resources),
+             lambda _: _UPDATE_POD_SANDBOX_RESPONSE),
+    EventRpc("validate_container_adjustment", api.VALIDATE_CONTAINER_ADJUSTMENT,
+             "ValidateContainerAdjustment", api.ValidateContainerAdjustmentRequest,
+             lambda r: (r,), _serialized),
+    # notifications: StateChange before NRI v0.12, dedicated RPCs with empty responses from v0.12
+    EventRpc("run_pod_sandbox", api.RUN_POD_SANDBOX, "RunPodSandbox", api.RunPodSandboxRequest,
+             _pod, notification=True),
+    EventRpc("stop_pod_sandbox", api.STOP_POD_SANDBOX, "StopPodSandbox", api.StopPodSandboxRequest,
+             _pod, notification=True),
+    EventRpc("remove_pod_sandbox", api.REMOVE_POD_SANDBOX, "RemovePodSandbox", api.RemovePodSandboxRequest,
+             _pod, notification=True),
+    EventRpc("post_update_pod_sandbox", api.POST_UPDATE_POD_SANDBOX, "PostUpdatePodSandbox",
+             api.PostUpdatePodSandboxRequest, _pod, notification=True),
+    EventRpc("post_create_container", api.POST_CREATE_CONTAINER, "PostCreateContainer",
+             api.PostCreateContainerRequest, _pod_container, notification=True),
+    EventRpc("start_container", api.START_CONTAINER, "StartContainer", api.StartContainerRequest,
+             _pod_container, notification=True),
+    EventRpc("post_start_container", api.POST_START_CONTAINER, "PostStartContainer",
+             api.PostStartContainerRequest, _pod_container, notification=True),
+    EventRpc("post_update_container", api.POST_UPDATE_CONTAINER, "PostUpdateContainer",
+             api.PostUpdateContainerRequest, _pod_container, notification=True),
+    EventRpc("remove_container", api.REMOVE_CONTAINER, "RemoveContainer", api.RemoveContainerRequest,
+             _pod_container, notification=True),
+)  # fmt: skip
+_BY_EVENT: Final = {row.event: row for row in EVENTS}
+EVENT_HANDLERS: Final = tuple(row.handler for row in EVENTS)
 
 
 def overridden_handlers(plugin: Plugin) -> frozenset[str]:
@@ -231,10 +240,11 @@ def overridden_handlers(plugin: Plugin) -> frozenset[str]:
 
 def event_mask(plugin: Plugin) -> int:
     """The subscription mask implied by the overridden event handlers."""
-    events = {**_REQUEST_HANDLERS, **{n.handler: n.event for n in _NOTIFICATIONS}}
+    overridden = overridden_handlers(plugin)
     mask = 0
-    for name in overridden_handlers(plugin):
-        mask |= event_bit(events[name])
+    for row in EVENTS:
+        if row.handler in overridden:
+            mask |= event_bit(row.event)
     return mask
 
 
@@ -258,18 +268,56 @@ def _is_nri_v0_6_runtime(req: api.ConfigureRequest) -> bool:
     return req.registration_timeout == 0 and req.request_timeout == 0 and not req.NRI_version
 
 
+class Phase(enum.Enum):
+    """Registration phase of one connection (see the transition table below)."""
+
+    STARTED = "started"  # connected, RegisterPlugin sent
+    REPLIED = "replied"  # RegisterPlugin answered OK, no Configure yet
+    CONFIGURED = "configured"  # Configure done, RegisterPlugin not answered yet
+    SYNCING = "syncing"  # answered and configured: waiting for the last Synchronize page
+    SYNCED = "synced"  # configured and synchronized (or none due), RegisterPlugin not answered yet
+    REGISTERED = "registered"
+
+
+class Step(enum.Enum):
+    REPLY = "RegisterPlugin answered OK"
+    CONFIGURE = "Configure done (Synchronize follows)"
+    CONFIGURE_ONLY = "Configure done (NRI v0.6 launched plugin: no Synchronize)"
+    SYNCHRONIZE = "last Synchronize page done"
+
+
+# Theory of operation: containerd answers RegisterPlugin, calls Configure and then Synchronize,
+# but Configure (and even Synchronize) may arrive before the RegisterPlugin answer, since conn 1
+# is served while the call on conn 2 is in flight. The plugin is registered once all three
+# happened, in any of these orders. Pairs not in the table leave the phase unchanged (a repeated
+# step, or a step after registration).
+TRANSITIONS: Final[Mapping[tuple[Phase, Step], Phase]] = MappingProxyType(
+    {
+        (Phase.STARTED, Step.REPLY): Phase.REPLIED,
+        (Phase.STARTED, Step.CONFIGURE): Phase.CONFIGURED,
+        (Phase.STARTED, Step.CONFIGURE_ONLY): Phase.SYNCED,
+        (Phase.REPLIED, Step.CONFIGURE): Phase.SYNCING,
+        (Phase.REPLIED, Step.CONFIGURE_ONLY): Phase.REGISTERED,
+        (Phase.CONFIGURED, Step.REPLY): Phase.SYNCING,
+        (Phase.CONFIGURED, Step.SYNCHRONIZE): Phase.SYNCED,
+        (Phase.SYNCING, Step.SYNCHRONIZE): Phase.REGISTERED,
+        (Phase.SYNCED, Step.REPLY): Phase.REGISTERED,
+    }
+)
+
+
 @dataclass
 class _Session:
     """State of one connection."""
 
-    register_ok: bool = False
-    configured: bool = False
-    expect_sync: bool = True
-    synced: bool = False
-    registered: bool = False
+    tasks: TaskScope
+    phase: Phase = Phase.STARTED
     sync_pods: list[api.PodSandbox] = field(default_factory=list)
     sync_containers: list[api.Container] = field(default_factory=list)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def registered(self) -> bool:
+        return self.phase is Phase.REGISTERED
 
 
 class Stub:
@@ -439,7 +487,7 @@ class Stub:
 
     async def _session(self, sock: socket.socket) -> bool:
         """Run one connection to its end; returns whether it got registered."""
-        session = _Session()
+        session = _Session(TaskScope("nri stub", self.log))
         conn = Connection(sock, self._handlers(session), logger=self.log)
         self._conn = conn
         try:
@@ -448,23 +496,19 @@ class Stub:
             self.log.warning("nri: cannot use the connection: %s", exc)
             sock.close()
             return False
-        serve = asyncio.create_task(conn.serve())
-        stopper = asyncio.create_task(self._stop.wait())
-        register = asyncio.create_task(self._register(conn, session))
+        tasks = session.tasks
+        serve = tasks.spawn(conn.serve(), name="nri-serve")
+        stopper = tasks.spawn(self._stop.wait(), name="nri-stop")
+        tasks.spawn(self._register(conn, session), name="nri-register")
         try:
             await asyncio.wait({serve, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if not serve.done():
                 await conn.close("plugin stopped")
             reason = await serve
         finally:
-            stopper.cancel()
-            register.cancel()
-            if not serve.done():  # run() itself was cancelled
-                serve.cancel()
             self._conn = None
+            await tasks.aclose()  # the register call, a pending on_registered, the stop watcher
         self.log.info("nri: connection to the runtime ended: %s", reason)
-        for task in list(session.tasks):
-            task.cancel()
         if session.registered:
             self.registered.clear()
             try:
@@ -485,15 +529,14 @@ class Stub:
             self.log.error("nri: registration of plugin %s failed: %s", self.ident, exc)
             await conn.close(f"registration failed: {exc}")
             return
-        session.register_ok = True
-        self._check_registered(session)
+        self._advance(session, Step.REPLY)
 
-    def _check_registered(self, session: _Session) -> None:
-        if session.registered or not (session.register_ok and session.configured):
+    def _advance(self, session: _Session, step: Step) -> None:
+        """Apply one registration step (``TRANSITIONS``); act on reaching REGISTERED."""
+        before = session.phase
+        session.phase = TRANSITIONS.get((before, step), before)
+        if session.phase is not Phase.REGISTERED or before is Phase.REGISTERED:
             return
-        if session.expect_sync and not session.synced:
-            return
-        session.registered = True
         self.registrations += 1
         self.registered.set()
         self.log.info(
@@ -503,19 +546,13 @@ class Stub:
             self.runtime_version,
             self._subscribed,
         )
-        self._spawn(session, self._call_on_registered())
+        session.tasks.spawn(self._call_on_registered(), name="nri-on-registered")
 
     async def _call_on_registered(self) -> None:
         try:
             await self.plugin.on_registered()
         except Exception:
             self.log.exception("nri: on_registered failed")
-
-    @staticmethod
-    def _spawn(session: _Session, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        session.tasks.add(task)
-        task.add_done_callback(session.tasks.discard)
 
     async def update_containers(
         self, updates: list[api.ContainerUpdate], evictions: list[api.ContainerEviction] | None = None
@@ -532,10 +569,11 @@ class Stub:
     # --- request handlers --------------------------------------------------------------------
 
     def _handlers(self, session: _Session) -> dict[tuple[str, str], Handler]:
+        """The dispatch table of one connection: the registration RPCs, ``StateChange``, and one
+        entry per overridden event handler, all derived from :data:`EVENTS`."""
         plugin = self.plugin
         overridden = overridden_handlers(plugin)
         collect_sync = type(plugin).synchronize is not Plugin.synchronize
-        table: dict[str, Handler] = {}
 
         async def configure(payload: bytes) -> bytes:
             req = api.ConfigureRequest.FromString(payload)
@@ -559,9 +597,8 @@ class Stub:
                     "upgrade the runtime or override an older event handler"
                 )
             self._subscribed = events
-            session.configured = True
-            session.expect_sync = not (self.launched and _is_nri_v0_6_runtime(req))
-            self._check_registered(session)
+            no_sync = self.launched and _is_nri_v0_6_runtime(req)
+            self._advance(session, Step.CONFIGURE_ONLY if no_sync else Step.CONFIGURE)
             return api.ConfigureResponse(events=events).SerializeToString()
 
         async def synchronize(payload: bytes) -> bytes:
@@ -575,8 +612,7 @@ class Stub:
             containers = [*session.sync_containers, *req.containers]
             session.sync_pods, session.sync_containers = [], []
             updates = await plugin.synchronize(pods, containers)
-            session.synced = True
-            self._check_registered(session)
+            self._advance(session, Step.SYNCHRONIZE)
             return api.SynchronizeResponse(update=updates, more=False).SerializeToString()
 
         async def shutdown(payload: bytes) -> bytes:
@@ -584,74 +620,31 @@ class Stub:
 
         async def state_change(payload: bytes) -> bytes:
             req = api.StateChangeEvent.FromString(payload)
-            note = _NOTIFICATION_BY_EVENT.get(req.event)
-            if note is not None and note.handler in overridden:
-                method = getattr(plugin, note.handler)
-                if note.with_container:
-                    await method(req.pod, req.container)
-                else:
-                    await method(req.pod)
-            return api.Empty().SerializeToString()
+            row = _BY_EVENT.get(req.event)
+            if row is not None and row.notification and row.handler in overridden:
+                await getattr(plugin, row.handler)(*row.args(req))  # StateChangeEvent: pod, container
+            return _EMPTY
 
-        table.update(
-            Configure=configure, Synchronize=synchronize, Shutdown=shutdown, StateChange=state_change
-        )
-
-        if "create_container" in overridden:
-
-            async def create_container(payload: bytes) -> bytes:
-                req = api.CreateContainerRequest.FromString(payload)
-                rsp = await plugin.create_container(req.pod, req.container)
-                return rsp.SerializeToString()
-
-            table["CreateContainer"] = create_container
-        if "update_container" in overridden:
-
-            async def update_container(payload: bytes) -> bytes:
-                req = api.UpdateContainerRequest.FromString(payload)
-                rsp = await plugin.update_container(req.pod, req.container, req.linux_resources)
-                return rsp.SerializeToString()
-
-            table["UpdateContainer"] = update_container
-        if "stop_container" in overridden:
-
-            async def stop_container(payload: bytes) -> bytes:
-                req = api.StopContainerRequest.FromString(payload)
-                rsp = await plugin.stop_container(req.pod, req.container)
-                return rsp.SerializeToString()
-
-            table["StopContainer"] = stop_container
-        if "update_pod_sandbox" in overridden:
-
-            async def update_pod_sandbox(payload: bytes) -> bytes:
-                req = api.UpdatePodSandboxRequest.FromString(payload)
-                await plugin.update_pod_sandbox(req.pod, req.overhead_linux_resources, req.linux_resources)
-                return api.UpdatePodSandboxResponse().SerializeToString()
-
-            table["UpdatePodSandbox"] = update_pod_sandbox
-        if "validate_container_adjustment" in overridden:
-
-            async def validate(payload: bytes) -> bytes:
-                req = api.ValidateContainerAdjustmentRequest.FromString(payload)
-                rsp = await plugin.validate_container_adjustment(req)
-                return rsp.SerializeToString()
-
-            table["ValidateContainerAdjustment"] = validate
-        for note in _NOTIFICATIONS:
-            if note.handler in overridden:
-                table[note.rpc] = _notification_handler(getattr(plugin, note.handler), note)
+        table: dict[str, Handler] = {
+            "Configure": configure,
+            "Synchronize": synchronize,
+            "Shutdown": shutdown,
+            "StateChange": state_change,
+        }
+        for row in EVENTS:
+            if row.handler in overridden:
+                table[row.rpc] = _event_handler(getattr(plugin, row.handler), row)
         return {(PLUGIN_SERVICE, method): handler for method, handler in table.items()}
 
 
-def _notification_handler(method: Callable[..., Awaitable[None]], note: _Notification) -> Handler:
-    response = b""  # every dedicated event response message is empty
+_EMPTY: Final = api.Empty().SerializeToString()
+
+
+def _event_handler(method: Callable[..., Awaitable[Any]], row: EventRpc) -> Handler:
+    """The RPC handler of one event: decode the request, call the plugin, encode the answer."""
 
     async def handle(payload: bytes) -> bytes:
-        req = note.request.FromString(payload)
-        if note.with_container:
-            await method(req.pod, req.container)
-        else:
-            await method(req.pod)
-        return response
+        req = row.request.FromString(payload)
+        return row.respond(await method(*row.args(req)))
 
     return handle

@@ -665,3 +665,47 @@ def test_hung_handler_then_runtime_timeout_reconnects_cleanly(tmp_path: Path) ->
         await rt.close()
 
     run(scenario())
+
+
+# --- the event table and the registration state machine ------------------------------------
+
+
+def test_event_table_covers_every_plugin_event_handler_once() -> None:
+    from nri_plugin.wire.stub import EVENTS
+
+    handlers = [row.handler for row in EVENTS]
+    assert len(handlers) == len(set(handlers))
+    plugin_methods = {
+        name for name in vars(Plugin) if not name.startswith("_") and name not in (
+            "configure", "synchronize", "on_registered", "on_disconnected"
+        )
+    }  # fmt: skip
+    assert set(handlers) == plugin_methods
+    assert len({row.event for row in EVENTS}) == len(EVENTS) and len({row.rpc for row in EVENTS}) == len(
+        EVENTS
+    )
+    for row in EVENTS:  # the dedicated request type has the fields the handler is called with
+        request = row.request()
+        assert len(row.args(request)) >= 1
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ("REPLY", "CONFIGURE", "SYNCHRONIZE"),
+        ("CONFIGURE", "REPLY", "SYNCHRONIZE"),
+        ("CONFIGURE", "SYNCHRONIZE", "REPLY"),
+        ("REPLY", "CONFIGURE_ONLY"),
+        ("CONFIGURE_ONLY", "REPLY"),
+    ],
+)
+def test_every_legal_order_registers_exactly_at_its_last_step(order: tuple[str, ...]) -> None:
+    from nri_plugin.wire.stub import TRANSITIONS, Phase, Step
+
+    phase = Phase.STARTED
+    for i, name in enumerate(order):
+        phase = TRANSITIONS.get((phase, Step[name]), phase)
+        assert (phase is Phase.REGISTERED) == (i == len(order) - 1), (order, i, phase)
+    # further steps leave a registered connection registered
+    for step in Step:
+        assert TRANSITIONS.get((phase, step), phase) is Phase.REGISTERED
