@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from nri_plugin.adjust.model import Adjustment
+    from nri_plugin.adjust import Adjustment
     from nri_plugin.config import Layer, Settings
-    from nri_plugin.host.model import DriverSnapshot
+    from nri_plugin.host import DriverSnapshot
 
 EXIT_OK = 0
 EXIT_CONTAINER_ERROR = 1
@@ -329,7 +329,7 @@ async def _serve(
     from nri_plugin.metrics import StubCounts
     from nri_plugin.notify import Notifier
     from nri_plugin.plugin import GpuPlugin
-    from nri_plugin.wire.stub import Stub
+    from nri_plugin.wire import Stub
 
     logs.bridge_stdlib(logger)
     stdlib_logger = logging.getLogger("nri_plugin.wire.stub")
@@ -419,13 +419,13 @@ def _snapshot(settings: Settings) -> tuple[DriverSnapshot | None, str]:
 
 def _container_inputs(args: argparse.Namespace) -> tuple[list[str], list[Any], bool, str]:
     """(env, mounts, privileged, label) from --container-json or the flags."""
-    from nri_plugin.request.model import Mount
+    from nri_plugin.request import Mount
 
     if args.container_json:
         from google.protobuf import json_format
 
-        from nri_plugin.request.nri import request_inputs
-        from nri_plugin.wire._gen import api_pb2 as api
+        from nri_plugin.request import request_inputs
+        from nri_plugin.wire import api
 
         try:
             if args.container_json == "-":
@@ -507,8 +507,7 @@ def cmd_inspect(args: argparse.Namespace, environ: Mapping[str, str], out: TextI
     import json
 
     from nri_plugin import config as cfg
-    from nri_plugin.adjust.pipeline import decide
-    from nri_plugin.adjust.select import EMPTY_SELECTION
+    from nri_plugin.adjust import EMPTY_SELECTION, decide
     from nri_plugin.errors import ContainerError
 
     file_layer, flag_layer = load_layers(args, environ)
@@ -531,7 +530,7 @@ def cmd_inspect(args: argparse.Namespace, environ: Mapping[str, str], out: TextI
     if args.output == "json":
         from google.protobuf import json_format
 
-        from nri_plugin.adjust.proto import to_proto
+        from nri_plugin.adjust import to_proto
 
         doc: dict[str, object] = {
             "container": label,
@@ -569,7 +568,7 @@ def capability_report(snapshot: DriverSnapshot, settings: Settings) -> dict[str,
     """Per capability, what a privileged ``NVIDIA_VISIBLE_DEVICES=all`` container would get."""
     import dataclasses
 
-    from nri_plugin.adjust.pipeline import decide
+    from nri_plugin.adjust import decide
     from nri_plugin.errors import ContainerError
 
     hook = dataclasses.replace(settings.hook, supported_driver_capabilities=",".join(CAPABILITIES))

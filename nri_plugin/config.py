@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nri_plugin.errors import ConfigError
-from nri_plugin.host.model import HostRoots
-from nri_plugin.request.model import HookConfig
+from nri_plugin.host import HostRoots
+from nri_plugin.request import HookConfig
 
 DEFAULT_TOOLKIT_CONFIG = "/etc/nvidia-container-runtime/config.toml"
 TOOLKIT_CONFIG_ENV = "NVIDIA_CTK_CONFIG_FILE_PATH"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from nri_plugin.config import parse_address
-from nri_plugin.host.model import DriverSnapshot
+from nri_plugin.host import DriverSnapshot
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry

@@ -16,16 +16,13 @@ from typing import Any
 from nri_plugin import config as cfg
 from nri_plugin import logs
 from nri_plugin import metrics as metrics_mod
-from nri_plugin.adjust.pipeline import decide
-from nri_plugin.adjust.proto import to_proto
-from nri_plugin.adjust.select import EMPTY_SELECTION
+from nri_plugin.adjust import EMPTY_SELECTION, decide, to_proto
 from nri_plugin.config import Layer, Settings
 from nri_plugin.errors import ConfigError, ContainerError, DriverChangedError
-from nri_plugin.host.driver import HostDriver
+from nri_plugin.host import HostDriver
 from nri_plugin.notify import Notifier
-from nri_plugin.request.nri import request_inputs
-from nri_plugin.wire._gen import api_pb2 as api
-from nri_plugin.wire.stub import Plugin
+from nri_plugin.request import request_inputs
+from nri_plugin.wire import Plugin, api
 
 # How long a CreateContainer that found a changed driver waits for the rediscovery (containerd
 # gives a plugin 2 s per call; discovery without a hanging NVML takes tens of milliseconds).

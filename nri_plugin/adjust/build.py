@@ -76,7 +76,7 @@ from typing import Generic, TypeVar
 from nri_plugin.adjust.model import IPC_BIND_OPTIONS, RO_BIND_OPTIONS, Adjustment, MountEdit
 from nri_plugin.adjust.select import Selection, select_devices, show_id
 from nri_plugin.errors import ContainerError, DriverChangedError, RequestError
-from nri_plugin.host.model import (
+from nri_plugin.host import (
     DeviceNode,
     DriverSnapshot,
     FileId,
@@ -85,10 +85,12 @@ from nri_plugin.host.model import (
     IpcPath,
     Library,
     MigDevice,
+    hot_path_checks,
+    strip_root,
+    unique_checks,
+    verify,
 )
-from nri_plugin.host.paths import strip_root
-from nri_plugin.host.pin import hot_path_checks, unique_checks, verify
-from nri_plugin.request.model import ALL_DRIVER_CAPABILITIES, GpuRequest, split_list
+from nri_plugin.request import ALL_DRIVER_CAPABILITIES, GpuRequest, split_list
 
 LIB_DIRS_64 = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
 LIB_DIRS_32 = ("/usr/lib/i386-linux-gnu", "/usr/lib")

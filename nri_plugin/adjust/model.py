@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nri_plugin.host.model import DeviceNode
+from nri_plugin.host import DeviceNode
 
 # Bind-mount options for driver files (read-only) and for IPC sockets/dirs (writable).
 RO_BIND_OPTIONS = ("ro", "nosuid", "nodev", "rbind", "rprivate")

@@ -26,17 +26,17 @@ from nri_plugin.errors import (
     DriverChangedError,
     DriverNotFoundError,
 )
-from nri_plugin.host.model import DriverSnapshot, FileId, Gpu
-from nri_plugin.host.pin import verify
-from nri_plugin.request.model import (
+from nri_plugin.host import DriverSnapshot, FileId, Gpu, verify
+from nri_plugin.request import (
     DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT,
     GpuRequest,
     HookConfig,
+    HostFacts,
     Mount,
+    check_requirements,
+    resolve_request,
     split_list,
 )
-from nri_plugin.request.requirements import HostFacts, check_requirements
-from nri_plugin.request.resolve import resolve_request
 
 _VOLUME_MOUNT_MARK = DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT.rsplit("/", 1)[-1]  # "nvidia-container-devices"
 

@@ -18,7 +18,7 @@ import functools
 
 from nri_plugin.adjust.build import Same
 from nri_plugin.adjust.model import Adjustment
-from nri_plugin.wire._gen import api_pb2
+from nri_plugin.wire import api as api_pb2
 
 
 def to_proto(adj: Adjustment) -> api_pb2.ContainerAdjustment:

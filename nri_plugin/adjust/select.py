@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nri_plugin.errors import DeviceSelectionError
-from nri_plugin.host.model import DriverSnapshot, Gpu, MigDevice
+from nri_plugin.host import DriverSnapshot, Gpu, MigDevice
 
 _HEX = "0-9a-fA-F"
 _BUS_ID_RE = re.compile(rf"([{_HEX}]{{1,8}}):([{_HEX}]{{1,2}}):([{_HEX}]{{1,2}})\.([0-7])")

@@ -1,1 +1,38 @@
-"""Layer 3: the host driver, read under configurable roots (never on the CreateContainer hot path)."""
+"""Layer 3: the host driver, read under configurable roots (never on the CreateContainer hot path).
+
+The public API of the layer is ``__all__``; code outside ``nri_plugin.host`` imports only that.
+"""
+
+from nri_plugin.host.discover import DEFAULT_ROOTS, discover, explain_no_driver
+from nri_plugin.host.driver import HostDriver
+from nri_plugin.host.model import (
+    DeviceNode,
+    DriverSnapshot,
+    FileId,
+    Gpu,
+    HostRoots,
+    IpcPath,
+    Library,
+    MigDevice,
+)
+from nri_plugin.host.paths import strip_root
+from nri_plugin.host.pin import hot_path_checks, unique_checks, verify
+
+__all__ = [
+    "DEFAULT_ROOTS",
+    "DeviceNode",
+    "DriverSnapshot",
+    "FileId",
+    "Gpu",
+    "HostDriver",
+    "HostRoots",
+    "IpcPath",
+    "Library",
+    "MigDevice",
+    "discover",
+    "explain_no_driver",
+    "hot_path_checks",
+    "strip_root",
+    "unique_checks",
+    "verify",
+]
