@@ -57,6 +57,9 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 
 def _add_config_flags(p: argparse.ArgumentParser, *, host_only: bool = False) -> None:
+    """--config, the flag of every declared setting (``config.SETTINGS``) and --set."""
+    from nri_plugin import config as cfg
+
     g = p.add_argument_group("configuration (overrides the config file and the NRI config)")
     g.add_argument(
         "--config",
@@ -64,32 +67,7 @@ def _add_config_flags(p: argparse.ArgumentParser, *, host_only: bool = False) ->
         help="toolkit config.toml to read (must exist); default: $NVIDIA_CTK_CONFIG_FILE_PATH or "
         "/etc/nvidia-container-runtime/config.toml when present",
     )
-    g.add_argument(
-        "--driver-root",
-        metavar="DIR",
-        help="host driver root (nvidia-container-cli.root), e.g. /run/nvidia/driver",
-    )
-    g.add_argument(
-        "--ldcache", metavar="FILE", help="ld.so.cache inside the driver root (default /etc/ld.so.cache)"
-    )
-    g.add_argument("--dev-root", metavar="DIR", help="root of the /dev tree with the NVIDIA device nodes")
-    g.add_argument("--proc-root", metavar="DIR", help="procfs to read /driver/nvidia from (default /proc)")
-    g.add_argument("--sys-root", metavar="DIR", help="sysfs root (default /sys)")
-    g.add_argument("--run-root", metavar="DIR", help="root for IPC sockets (persistenced, MPS)")
-    g.add_argument(
-        "--host-root",
-        metavar="DIR",
-        help="where the host's / is mounted in this process's view (e.g. /host in a pod); "
-        "prefixed to the driver/dev/run roots, stripped from the mount sources given to containerd",
-    )
-    g.add_argument(
-        "--no-nvml",
-        dest="use_nvml",
-        action="store_const",
-        const=False,
-        default=None,
-        help="read GPUs from /proc/driver/nvidia instead of NVML",
-    )
+    cfg.add_flags(g, host_only=host_only)
     g.add_argument(
         "--set",
         dest="set_",
@@ -98,25 +76,6 @@ def _add_config_flags(p: argparse.ArgumentParser, *, host_only: bool = False) ->
         metavar="KEY=VALUE",
         help="any config key, dotted, with a TOML value, e.g. "
         "--set accept-nvidia-visible-devices-as-volume-mounts=true (repeatable)",
-    )
-    if host_only:
-        return
-    g.add_argument(
-        "--socket", metavar="PATH", help="NRI socket of an external plugin (default /var/run/nri/nri.sock)"
-    )
-    g.add_argument("--name", metavar="NAME", help="plugin name (default nvidia-gpu)")
-    g.add_argument("--index", metavar="NN", help="plugin index, two digits (default 10)")
-    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    g.add_argument("--log-format", choices=("logfmt", "json"))
-    g.add_argument("--log-file", metavar="FILE", help="log to FILE instead of stderr/the journal")
-    g.add_argument(
-        "--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics, e.g. 127.0.0.1:9400"
-    )
-    g.add_argument(
-        "--refresh-interval",
-        metavar="SECONDS",
-        type=float,
-        help="how often to check whether the driver changed (default 10)",
     )
 
 
@@ -230,27 +189,11 @@ def _set_values(items: Sequence[str]) -> dict[str, object]:
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, object | None]:
-    """Flags as dotted TOML keys (None = not given)."""
-    g = vars(args)
-    values: dict[str, object | None] = {
-        "nvidia-container-cli.root": g.get("driver_root"),
-        "nvidia-container-cli.ldcache": g.get("ldcache"),
-        "nri-plugin.dev-root": g.get("dev_root"),
-        "nri-plugin.proc-root": g.get("proc_root"),
-        "nri-plugin.sys-root": g.get("sys_root"),
-        "nri-plugin.run-root": g.get("run_root"),
-        "nri-plugin.host-root": g.get("host_root"),
-        "nri-plugin.use-nvml": g.get("use_nvml"),
-        "nri-plugin.socket-path": g.get("socket"),
-        "nri-plugin.plugin-name": g.get("name") if g.get("command") == "run" else None,
-        "nri-plugin.plugin-index": g.get("index") if g.get("command") == "run" else None,
-        "nri-plugin.log-level": g.get("log_level"),
-        "nri-plugin.log-format": g.get("log_format"),
-        "nri-plugin.log-file": g.get("log_file"),
-        "nri-plugin.metrics-address": g.get("metrics_address"),
-        "nri-plugin.refresh-interval": g.get("refresh_interval"),
-    }
-    values.update(_set_values(g.get("set_") or []))
+    """Flags as dotted TOML keys (None = not given); --set items last."""
+    from nri_plugin import config as cfg
+
+    values = cfg.flag_values(args)
+    values.update(_set_values(getattr(args, "set_", None) or []))
     return values
 
 
@@ -292,7 +235,8 @@ def cmd_run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         # stderr is /dev/null for a runtime-launched plugin: also log where the operator will look.
         print(f"nvidia-nri-plugin: {e}", file=sys.stderr)
         if launched:
-            fallback = logs.Logger(logs.launched_sink(getattr(args, "log_file", None) or "", "logfmt"))
+            log_file = str(cfg.flag_values(args).get("nri-plugin.log-file") or "")
+            fallback = logs.Logger(logs.launched_sink(log_file, "logfmt"))
             fallback.error("configuration error; not starting", error=str(e))
             fallback.close()
         return EXIT_USAGE

@@ -27,7 +27,8 @@ Schema (identical in the file and the NRI config string):
   ``debug``, ``load-kmods``, ``no-pivot``, ``no-cgroups``, ``user``, ``ldconfig``) are ignored;
 * the toolkit's other tables (``[nvidia-container-runtime]``, ``[nvidia-container-runtime-hook]``,
   ``[nvidia-ctk]``, ``[features]``) are accepted and ignored;
-* ``[nri-plugin]``: our own keys, see ``_OWN_KEYS``.
+* ``[nri-plugin]``: our own keys: every ``Settings`` field declares its key (``Setting``), and the
+  schema, the command-line flags, the provenance and the apply step are derived from that.
 
 Any other key, or a value of the wrong type, is a ``ConfigError`` naming the key, the source and the
 expected type.
@@ -36,13 +37,15 @@ expected type.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, cast
 
 from nri_plugin.errors import ConfigError
 from nri_plugin.host import HostRoots
@@ -56,69 +59,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.+-]+")
 _INDEX_RE = re.compile(r"[0-9][0-9]")
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything the daemon is configured with. Field names are the snake_case of the TOML keys."""
-
-    hook: HookConfig = field(default_factory=HookConfig)
-    # [nvidia-container-cli]
-    driver_root: str = "/"
-    ldcache: str = ""  # path inside the driver root; "" = /etc/ld.so.cache
-    # [nri-plugin]
-    plugin_name: str = "nvidia-gpu"
-    plugin_index: str = "10"
-    socket_path: str = "/var/run/nri/nri.sock"
-    dev_root: str = "/"
-    proc_root: str = "/proc"
-    sys_root: str = "/sys"
-    run_root: str = "/"
-    # Where the host's / is mounted in this process's view ("/host" in a DaemonSet pod): prefixed
-    # to driver-root, dev-root and run-root for reading, stripped from the mount sources handed to
-    # containerd. proc-root and sys-root are not prefixed: a container's procfs/sysfs are the host
-    # kernel's, so /proc/driver/nvidia and /proc/devices read the same in a pod.
-    host_root: str = "/"
-    use_nvml: bool = True
-    refresh_interval: float = 10.0
-    log_level: str = "info"
-    log_format: str = "logfmt"
-    log_file: str = ""
-    metrics_address: str = ""  # "" = no metrics endpoint; "127.0.0.1:9400"
-    mps_pipe_dir: str = "/tmp/nvidia-mps"  # inside run_root
-
-    @property
-    def roots(self) -> HostRoots:
-        def under_host(path: str) -> str:
-            return os.path.normpath(os.path.join(self.host_root, path.lstrip("/")))
-
-        return HostRoots(
-            driver_root=under_host(self.driver_root or "/"),
-            dev_root=under_host(self.dev_root),
-            proc_root=self.proc_root,
-            sys_root=self.sys_root,
-            run_root=under_host(self.run_root),
-            host_root=self.host_root,
-        )
-
-    @property
-    def ldcache_path(self) -> str:
-        """The ld.so.cache to read, as a path inside the driver root (as nvidia-container-cli takes it)."""
-        return self.ldcache or "/etc/ld.so.cache"
-
-    def discovery_key(self) -> tuple[object, ...]:
-        """The settings host discovery depends on: a change needs a new HostDriver."""
-        return (self.roots, self.ldcache_path, self.use_nvml, self.mps_pipe_dir)
-
-
 # ---------------------------------------------------------------------------------------------
-# Key table
-
-
-@dataclass(frozen=True, slots=True)
-class _Key:
-    attr: str  # "hook.<field>" or a Settings field name
-    type_name: str
-    convert: Callable[[Any], object]  # raises ValueError with a hint (the type has been checked)
-    check: Callable[[object], bool]
+# Value checks and conversions
 
 
 def _is_bool(v: object) -> bool:
@@ -164,6 +106,10 @@ def _opt_abs_path(v: Any) -> object:
     return v if v == "" else _abs_path(v)
 
 
+def _root(v: Any) -> object:
+    return "/" if v == "" else _abs_path(v)
+
+
 def _interval(v: Any) -> object:
     f = float(v)
     if not math.isfinite(f) or f <= 0:
@@ -201,44 +147,348 @@ def _address(v: Any) -> object:
     return v
 
 
-def _k(
-    attr: str, type_name: str, check: Callable[[object], bool], convert: Callable[[Any], object] = _same
-) -> _Key:
-    return _Key(attr, type_name, convert, check)
+class Effect(enum.Enum):
+    """What the running daemon must do when a setting changes (``GpuPlugin.apply``)."""
+
+    REQUEST = "request"  # read on every CreateContainer: nothing to do
+    DISCOVERY = "discovery"  # rediscover the host driver with a new HostDriver
+    WATCH = "watch"  # restart the driver watch
+    LOGGING = "logging"  # reconfigure the logger
+    METRICS = "metrics"  # (re)start the metrics endpoint
+    RESTART = "restart"  # takes effect at the next start only (logged)
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """The declaration of one setting, attached to its ``Settings`` field (``dataclasses.field``
+    metadata): the TOML key, how a value is checked and converted, the help text, the command-line
+    flag if it has one, whether the NVIDIA toolkit's config.toml has the key with this meaning,
+    and what a change needs at run time. The TOML schema, the flags, the provenance and the apply
+    step all derive from these declarations."""
+
+    key: str  # dotted TOML key: a top-level toolkit key, "nvidia-container-cli.<k>", "nri-plugin.<k>"
+    type_name: str
+    check: Callable[[object], bool]
+    help: str
+    convert: Callable[[Any], object] = _same  # raises ValueError with a hint
+    flag: str | None = None  # e.g. "--driver-root"
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    flag_type: Callable[[str], object] | None = None  # argparse type= (TOML types come from tomllib)
+    negative_flag: bool = False  # the flag is a switch that sets the value to False (--no-nvml)
+    run_only: bool = False  # only `run` has the flag (`inspect`/`info` take the host flags only)
+    toolkit: bool = False
+    effect: Effect = Effect.REQUEST
+
+
+def _setting(default: Any, **declaration: Any) -> Any:
+    return field(default=default, metadata={"setting": Setting(**declaration)})
 
 
 _STR = "a string"
 _BOOL = "a boolean (true/false)"
-_TOP_KEYS: Mapping[str, _Key] = {
-    "accept-nvidia-visible-devices-envvar-when-unprivileged": _k(
-        "hook.accept_envvar_unprivileged", _BOOL, _is_bool
-    ),
-    "accept-nvidia-visible-devices-as-volume-mounts": _k("hook.accept_volume_mounts", _BOOL, _is_bool),
-    "swarm-resource": _k("hook.swarm_resource", _STR, _is_str),
-    "supported-driver-capabilities": _k("hook.supported_driver_capabilities", _STR, _is_str),
-    "disable-require": _k("hook.disable_require", _BOOL, _is_bool),
-}
-_CLI_KEYS: Mapping[str, _Key] = {
-    "root": _k("driver_root", _STR, _is_str, lambda v: "/" if v == "" else _abs_path(v)),
-    "ldcache": _k("ldcache", _STR, _is_str, _opt_abs_path),
-}
-_OWN_KEYS: Mapping[str, _Key] = {
-    "plugin-name": _k("plugin_name", _STR, _is_str, _name),
-    "plugin-index": _k("plugin_index", "a two-digit string or an integer 0-99", _is_int_or_str, _index),
-    "socket-path": _k("socket_path", _STR, _is_str, _abs_path),
-    "dev-root": _k("dev_root", _STR, _is_str, _abs_path),
-    "proc-root": _k("proc_root", _STR, _is_str, _abs_path),
-    "sys-root": _k("sys_root", _STR, _is_str, _abs_path),
-    "run-root": _k("run_root", _STR, _is_str, _abs_path),
-    "host-root": _k("host_root", _STR, _is_str, _abs_path),
-    "use-nvml": _k("use_nvml", _BOOL, _is_bool),
-    "refresh-interval": _k("refresh_interval", "a number of seconds", _is_number, _interval),
-    "log-level": _k("log_level", _STR, _is_str, _choice(LOG_LEVELS)),
-    "log-format": _k("log_format", _STR, _is_str, _choice(LOG_FORMATS)),
-    "log-file": _k("log_file", _STR, _is_str, _opt_abs_path),
-    "metrics-address": _k("metrics_address", _STR, _is_str, _address),
-    "mps-pipe-dir": _k("mps_pipe_dir", _STR, _is_str, _abs_path),
-}
+_HOOK = HookConfig()  # the toolkit's defaults for its keys
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the daemon is configured with; each field declares its setting (:class:`Setting`).
+    ``hook`` is derived: the toolkit keys the request model reads, as one value."""
+
+    # --- the toolkit's top-level keys ------------------------------------------------------
+    accept_envvar_unprivileged: bool = _setting(
+        _HOOK.accept_envvar_unprivileged,
+        key="accept-nvidia-visible-devices-envvar-when-unprivileged",
+        type_name=_BOOL,
+        check=_is_bool,
+        help="unprivileged containers may request GPUs by environment variable",
+        toolkit=True,
+    )
+    accept_volume_mounts: bool = _setting(
+        _HOOK.accept_volume_mounts,
+        key="accept-nvidia-visible-devices-as-volume-mounts",
+        type_name=_BOOL,
+        check=_is_bool,
+        help="read the device list from /var/run/nvidia-container-devices mounts",
+        toolkit=True,
+    )
+    swarm_resource: str = _setting(
+        _HOOK.swarm_resource,
+        key="swarm-resource",
+        type_name=_STR,
+        check=_is_str,
+        help="environment variables (comma-separated) that carry the device list first",
+        toolkit=True,
+    )
+    supported_driver_capabilities: str = _setting(
+        _HOOK.supported_driver_capabilities,
+        key="supported-driver-capabilities",
+        type_name=_STR,
+        check=_is_str,
+        help="driver capabilities containers may ask for",
+        toolkit=True,
+    )
+    disable_require: bool = _setting(
+        _HOOK.disable_require,
+        key="disable-require",
+        type_name=_BOOL,
+        check=_is_bool,
+        help="ignore NVIDIA_REQUIRE_* for every container",
+        toolkit=True,
+    )
+    # --- [nvidia-container-cli] ------------------------------------------------------------
+    driver_root: str = _setting(
+        "/",
+        key="nvidia-container-cli.root",
+        type_name=_STR,
+        check=_is_str,
+        convert=_root,
+        help="host driver root (nvidia-container-cli.root), e.g. /run/nvidia/driver",
+        flag="--driver-root",
+        metavar="DIR",
+        toolkit=True,
+        effect=Effect.DISCOVERY,
+    )
+    ldcache: str = _setting(
+        "",  # "" = /etc/ld.so.cache
+        key="nvidia-container-cli.ldcache",
+        type_name=_STR,
+        check=_is_str,
+        convert=_opt_abs_path,
+        help="ld.so.cache inside the driver root (default /etc/ld.so.cache)",
+        flag="--ldcache",
+        metavar="FILE",
+        toolkit=True,
+        effect=Effect.DISCOVERY,
+    )
+    # --- [nri-plugin] ----------------------------------------------------------------------
+    dev_root: str = _setting(
+        "/",
+        key="nri-plugin.dev-root",
+        type_name=_STR,
+        check=_is_str,
+        convert=_abs_path,
+        help="root of the /dev tree with the NVIDIA device nodes",
+        flag="--dev-root",
+        metavar="DIR",
+        effect=Effect.DISCOVERY,
+    )
+    proc_root: str = _setting(
+        "/proc",
+        key="nri-plugin.proc-root",
+        type_name=_STR,
+        check=_is_str,
+        convert=_abs_path,
+        help="procfs to read /driver/nvidia from (default /proc)",
+        flag="--proc-root",
+        metavar="DIR",
+        effect=Effect.DISCOVERY,
+    )
+    sys_root: str = _setting(
+        "/sys",
+        key="nri-plugin.sys-root",
+        type_name=_STR,
+        check=_is_str,
+        convert=_abs_path,
+        help="sysfs root (default /sys)",
+        flag="--sys-root",
+        metavar="DIR",
+        effect=Effect.DISCOVERY,
+    )
+    run_root: str = _setting(
+        "/",
+        key="nri-plugin.run-root",
+        type_name=_STR,
+        check=_is_str,
+        convert=_abs_path,
+        help="root for IPC sockets (persistenced, MPS)",
+        flag="--run-root",
+        metavar="DIR",
+        effect=Effect.DISCOVERY,
+    )
+    # Where the host's / is mounted in this process's view ("/host" in a DaemonSet pod): prefixed
+    # to driver-root, dev-root and run-root for reading, stripped from the mount sources handed to
+    # containerd. proc-root and sys-root are not prefixed: a container's procfs/sysfs are the host
+    # kernel's, so /proc/driver/nvidia and /proc/devices read the same in a pod.
+    host_root: str = _setting(
+        "/",
+        key="nri-plugin.host-root",
+        type_name=_STR,
+        check=_is_str,
+        convert=_abs_path,
+        help="where the host's / is mounted in this process's view (e.g. /host in a pod); prefixed "
+        "to the driver/dev/run roots, stripped from the mount sources given to containerd",
+        flag="--host-root",
+        metavar="DIR",
+        effect=Effect.DISCOVERY,
+    )
+    use_nvml: bool = _setting(
+        True,
+        key="nri-plugin.use-nvml",
+        type_name=_BOOL,
+        check=_is_bool,
+        help="read GPUs from /proc/driver/nvidia instead of NVML",
+        flag="--no-nvml",
+        negative_flag=True,
+        effect=Effect.DISCOVERY,
+    )
+    mps_pipe_dir: str = _setting(
+        "/tmp/nvidia-mps",
+        key="nri-plugin.mps-pipe-dir",
+        type_name=_STR,
+        check=_is_str,
+        convert=_abs_path,
+        help="the MPS pipe directory, inside the run root",
+        effect=Effect.DISCOVERY,
+    )
+    socket_path: str = _setting(
+        "/var/run/nri/nri.sock",
+        key="nri-plugin.socket-path",
+        type_name=_STR,
+        check=_is_str,
+        convert=_abs_path,
+        help="NRI socket of an external plugin (default /var/run/nri/nri.sock)",
+        flag="--socket",
+        metavar="PATH",
+        run_only=True,
+        effect=Effect.RESTART,
+    )
+    plugin_name: str = _setting(
+        "nvidia-gpu",
+        key="nri-plugin.plugin-name",
+        type_name=_STR,
+        check=_is_str,
+        convert=_name,
+        help="plugin name (default nvidia-gpu)",
+        flag="--name",
+        metavar="NAME",
+        run_only=True,
+        effect=Effect.RESTART,
+    )
+    plugin_index: str = _setting(
+        "10",
+        key="nri-plugin.plugin-index",
+        type_name="a two-digit string or an integer 0-99",
+        check=_is_int_or_str,
+        convert=_index,
+        help="plugin index, two digits (default 10)",
+        flag="--index",
+        metavar="NN",
+        run_only=True,
+        effect=Effect.RESTART,
+    )
+    log_level: str = _setting(
+        "info",
+        key="nri-plugin.log-level",
+        type_name=_STR,
+        check=_is_str,
+        convert=_choice(LOG_LEVELS),
+        help="debug, info, warning or error",
+        flag="--log-level",
+        choices=LOG_LEVELS,
+        run_only=True,
+        effect=Effect.LOGGING,
+    )
+    log_format: str = _setting(
+        "logfmt",
+        key="nri-plugin.log-format",
+        type_name=_STR,
+        check=_is_str,
+        convert=_choice(LOG_FORMATS),
+        help="logfmt or json",
+        flag="--log-format",
+        choices=LOG_FORMATS,
+        run_only=True,
+        effect=Effect.LOGGING,
+    )
+    log_file: str = _setting(
+        "",
+        key="nri-plugin.log-file",
+        type_name=_STR,
+        check=_is_str,
+        convert=_opt_abs_path,
+        help="log to FILE instead of stderr/the journal",
+        flag="--log-file",
+        metavar="FILE",
+        run_only=True,
+        effect=Effect.LOGGING,
+    )
+    metrics_address: str = _setting(
+        "",  # "" = no metrics endpoint
+        key="nri-plugin.metrics-address",
+        type_name=_STR,
+        check=_is_str,
+        convert=_address,
+        help="serve Prometheus metrics, e.g. 127.0.0.1:9400",
+        flag="--metrics-address",
+        metavar="HOST:PORT",
+        run_only=True,
+        effect=Effect.METRICS,
+    )
+    refresh_interval: float = _setting(
+        10.0,
+        key="nri-plugin.refresh-interval",
+        type_name="a number of seconds",
+        check=_is_number,
+        convert=_interval,
+        help="how often to check whether the driver changed (default 10)",
+        flag="--refresh-interval",
+        metavar="SECONDS",
+        flag_type=float,
+        run_only=True,
+        effect=Effect.WATCH,
+    )
+    hook: HookConfig = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        hook = HookConfig(
+            accept_envvar_unprivileged=self.accept_envvar_unprivileged,
+            accept_volume_mounts=self.accept_volume_mounts,
+            swarm_resource=self.swarm_resource,
+            supported_driver_capabilities=self.supported_driver_capabilities,
+            disable_require=self.disable_require,
+        )
+        object.__setattr__(self, "hook", hook)  # derived once: read on every CreateContainer
+
+    @property
+    def roots(self) -> HostRoots:
+        def under_host(path: str) -> str:
+            return os.path.normpath(os.path.join(self.host_root, path.lstrip("/")))
+
+        return HostRoots(
+            driver_root=under_host(self.driver_root or "/"),
+            dev_root=under_host(self.dev_root),
+            proc_root=self.proc_root,
+            sys_root=self.sys_root,
+            run_root=under_host(self.run_root),
+            host_root=self.host_root,
+        )
+
+    @property
+    def ldcache_path(self) -> str:
+        """The ld.so.cache to read, as a path inside the driver root (as nvidia-container-cli takes it)."""
+        return self.ldcache or "/etc/ld.so.cache"
+
+    def discovery_key(self) -> tuple[object, ...]:
+        """The settings host discovery depends on: a change needs a new HostDriver."""
+        return tuple(getattr(self, attr) for attr, s in SETTINGS.items() if s.effect is Effect.DISCOVERY)
+
+    def changes(self, other: Settings) -> dict[Effect, list[str]]:
+        """The fields whose value differs in ``other``, by the effect a change has."""
+        out: dict[Effect, list[str]] = {}
+        for attr, s in SETTINGS.items():
+            if getattr(self, attr) != getattr(other, attr):
+                out.setdefault(s.effect, []).append(attr)
+        return out
+
+
+# Every declared setting, field name -> declaration, in declaration order.
+SETTINGS: Mapping[str, Setting] = MappingProxyType(
+    {f.name: f.metadata["setting"] for f in dataclasses.fields(Settings) if "setting" in f.metadata}
+)
+_BY_KEY: Mapping[str, tuple[str, Setting]] = MappingProxyType({s.key: (a, s) for a, s in SETTINGS.items()})
+TOOLKIT_CLI_TABLE = "nvidia-container-cli"
+OWN_TABLE = "nri-plugin"
 # The toolkit's other [nvidia-container-cli] keys (api/config/v1 CLIConfig): meaningful to
 # nvidia-container-cli only, accepted so an existing config.toml can be shared, and ignored.
 _IGNORED_CLI_KEYS = frozenset(
@@ -248,12 +498,41 @@ _IGNORED_CLI_KEYS = frozenset(
 _IGNORED_TABLES = frozenset(
     {"nvidia-container-runtime", "nvidia-container-runtime-hook", "nvidia-ctk", "features"}
 )
-OWN_TABLE = "nri-plugin"
-_ATTR_TO_KEY: Mapping[str, str] = {
-    **{k.attr: name for name, k in _TOP_KEYS.items()},
-    **{k.attr: f"nvidia-container-cli.{name}" for name, k in _CLI_KEYS.items()},
-    **{k.attr: f"{OWN_TABLE}.{name}" for name, k in _OWN_KEYS.items()},
-}
+
+
+def _keys_of(table: str) -> list[str]:
+    """The declared keys of ``table`` ("" = top level), without the table prefix."""
+    if not table:
+        return sorted(k for k in _BY_KEY if "." not in k)
+    return sorted(k.removeprefix(table + ".") for k in _BY_KEY if k.startswith(table + "."))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line flags, generated from the declarations
+
+
+def add_flags(group: Any, *, host_only: bool = False) -> None:
+    """Add the flag of every setting that has one to an argparse group (``host_only``: only the
+    host-reading settings, for ``inspect``/``info``)."""
+    for s in SETTINGS.values():
+        if s.flag is None or (host_only and s.run_only):
+            continue
+        kwargs: dict[str, Any] = {"dest": _flag_dest(s), "help": s.help, "default": None}
+        if s.negative_flag:
+            kwargs.update(action="store_const", const=False)
+        else:
+            kwargs.update(metavar=s.metavar, choices=s.choices, type=s.flag_type)
+        group.add_argument(s.flag, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
+
+
+def _flag_dest(s: Setting) -> str:
+    return "setting:" + s.key
+
+
+def flag_values(namespace: Any) -> dict[str, object | None]:
+    """The declared flags of a parsed namespace, by dotted TOML key (None = not given)."""
+    values = vars(namespace)
+    return {s.key: values.get(_flag_dest(s)) for s in SETTINGS.values() if s.flag is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,14 +541,14 @@ _ATTR_TO_KEY: Mapping[str, str] = {
 
 @dataclass(frozen=True, slots=True)
 class Layer:
-    """The keys one source sets: attr ("hook.x" or a Settings field) -> validated value."""
+    """The keys one source sets: ``Settings`` field name -> validated value."""
 
     source: str
     values: Mapping[str, object] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()  # toolkit keys present in the source and deliberately ignored
 
 
-def _convert(spec: _Key, dotted: str, value: object, source: str) -> object:
+def _convert(spec: Setting, dotted: str, value: object, source: str) -> object:
     if not spec.check(value):
         raise ConfigError(
             f"{source}: key {dotted!r} must be {spec.type_name}, got {type(value).__name__} {value!r}"
@@ -288,44 +567,47 @@ def _table(doc: Mapping[str, object], name: str, source: str) -> Mapping[str, ob
 
 
 def layer_from_mapping(doc: Mapping[str, object], source: str) -> Layer:
-    """Validate a parsed TOML document against the schema."""
+    """Validate a parsed TOML document against the schema (the declared settings)."""
     values: dict[str, object] = {}
     ignored: list[str] = []
+
+    def take(dotted: str, value: object) -> None:
+        attr, spec = _BY_KEY[dotted]
+        values[attr] = _convert(spec, dotted, value, source)
+
     for key, value in doc.items():
-        if key in _TOP_KEYS:
-            spec = _TOP_KEYS[key]
-            values[spec.attr] = _convert(spec, key, value, source)
-        elif key == "nvidia-container-cli":
+        if key in _BY_KEY:
+            take(key, value)
+        elif key == TOOLKIT_CLI_TABLE:
             for sub, subval in _table(doc, key, source).items():
                 dotted = f"{key}.{sub}"
-                if sub in _CLI_KEYS:
-                    spec = _CLI_KEYS[sub]
-                    values[spec.attr] = _convert(spec, dotted, subval, source)
+                if dotted in _BY_KEY:
+                    take(dotted, subval)
                 elif sub in _IGNORED_CLI_KEYS:
                     ignored.append(dotted)
                 else:
                     # A typo here (`roots = ...`) would silently leave the driver root at "/".
+                    used = _keys_of(key)
                     raise ConfigError(
                         f"{source}: unknown key {dotted!r}; [{key}] keys are "
-                        f"{', '.join(sorted([*_CLI_KEYS, *_IGNORED_CLI_KEYS]))} "
-                        f"(only {', '.join(sorted(_CLI_KEYS))} are used by this plugin)"
+                        f"{', '.join(sorted([*used, *_IGNORED_CLI_KEYS]))} "
+                        f"(only {', '.join(used)} are used by this plugin)"
                     )
         elif key in _IGNORED_TABLES:
             ignored.append(key)
         elif key == OWN_TABLE:
             for sub, subval in _table(doc, key, source).items():
                 dotted = f"{key}.{sub}"
-                if sub not in _OWN_KEYS:
+                if dotted not in _BY_KEY:
                     raise ConfigError(
                         f"{source}: unknown key {dotted!r}; known keys of [{OWN_TABLE}]: "
-                        f"{', '.join(sorted(_OWN_KEYS))}"
+                        f"{', '.join(_keys_of(OWN_TABLE))}"
                     )
-                spec = _OWN_KEYS[sub]
-                values[spec.attr] = _convert(spec, dotted, subval, source)
+                take(dotted, subval)
         else:
             raise ConfigError(
                 f"{source}: unknown key {key!r}; expected a toolkit config.toml key "
-                f"({', '.join(sorted(_TOP_KEYS))}, [nvidia-container-cli], ...) or the [{OWN_TABLE}] table"
+                f"({', '.join(_keys_of(''))}, [{TOOLKIT_CLI_TABLE}], ...) or the [{OWN_TABLE}] table"
             )
     return Layer(source, values, tuple(ignored))
 
@@ -394,10 +676,8 @@ def build(*layers: Layer) -> Settings:
     merged: dict[str, object] = {}
     for layer in layers:
         merged.update(layer.values)
-    hook_values = {a.removeprefix("hook."): v for a, v in merged.items() if a.startswith("hook.")}
-    own_values = {a: v for a, v in merged.items() if not a.startswith("hook.")}
-    hook = dataclasses.replace(HookConfig(), **hook_values)  # type: ignore[arg-type]
-    return dataclasses.replace(Settings(), hook=hook, **own_values)  # type: ignore[arg-type]
+    # Every value was checked and converted against its field's declaration (_convert).
+    return Settings(**cast(dict[str, Any], merged))
 
 
 def provenance(*layers: Layer) -> dict[str, str]:
@@ -405,16 +685,10 @@ def provenance(*layers: Layer) -> dict[str, str]:
     out: dict[str, str] = {}
     for layer in layers:
         for attr in layer.values:
-            out[_ATTR_TO_KEY[attr]] = layer.source
+            out[SETTINGS[attr].key] = layer.source
     return out
 
 
 def to_toml_keys(settings: Settings) -> dict[str, object]:
     """Settings as dotted TOML keys -> values (for ``inspect``/``info`` output and logs)."""
-    out: dict[str, object] = {}
-    for attr, key in _ATTR_TO_KEY.items():
-        if attr.startswith("hook."):
-            out[key] = getattr(settings.hook, attr.removeprefix("hook."))
-        else:
-            out[key] = getattr(settings, attr)
-    return out
+    return {s.key: getattr(settings, attr) for attr, s in SETTINGS.items()}

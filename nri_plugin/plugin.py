@@ -17,7 +17,7 @@ from nri_plugin import config as cfg
 from nri_plugin import logs
 from nri_plugin import metrics as metrics_mod
 from nri_plugin.adjust import EMPTY_SELECTION, decide, to_proto
-from nri_plugin.config import Layer, Settings
+from nri_plugin.config import Effect, Layer, Settings
 from nri_plugin.errors import ConfigError, ContainerError, DriverChangedError
 from nri_plugin.host import HostDriver
 from nri_plugin.notify import Notifier
@@ -208,28 +208,29 @@ class GpuPlugin(Plugin):
         )
 
     async def apply(self, new: Settings) -> None:
-        """Switch to new settings, rebuilding only what changed."""
+        """Switch to new settings, rebuilding only what the changed ones need (``Setting.effect``)."""
         old, self.settings = self.settings, new
-        if (old.log_file, old.log_format) != (new.log_file, new.log_format):
-            self.log.reconfigure(sink=make_sink(new, self.launched))
-        if old.log_level != new.log_level:
-            self.log.reconfigure(level=logs.parse_level(new.log_level))
-            logs.sync_bridge_level(self.log)
-        for attr in ("plugin_name", "plugin_index", "socket_path"):
-            if getattr(old, attr) != getattr(new, attr):
-                self.log.warning(
-                    "setting takes effect at the next start only",
-                    setting=attr,
-                    running=getattr(old, attr),
-                    configured=getattr(new, attr),
-                )
-        if old.discovery_key() != new.discovery_key():
+        changes = old.changes(new)
+        if changes.get(Effect.LOGGING):
+            if (old.log_file, old.log_format) != (new.log_file, new.log_format):
+                self.log.reconfigure(sink=make_sink(new, self.launched))
+            if old.log_level != new.log_level:
+                self.log.reconfigure(level=logs.parse_level(new.log_level))
+                logs.sync_bridge_level(self.log)
+        for attr in changes.get(Effect.RESTART, ()):
+            self.log.warning(
+                "setting takes effect at the next start only",
+                setting=attr,
+                running=getattr(old, attr),
+                configured=getattr(new, attr),
+            )
+        if changes.get(Effect.DISCOVERY):
             self.driver = self._driver_factory(new)
             self.log.info("driver settings changed; rediscovering", roots=str(new.roots))
             await self.discover(budget=1.5)  # Configure must answer within the runtime's 2 s
             if self._watch_task is not None:
                 self._start_watch()
-        elif old.refresh_interval != new.refresh_interval and self._watch_task is not None:
+        elif changes.get(Effect.WATCH) and self._watch_task is not None:
             self._start_watch()
         if self._watch_task is not None or self.metrics.address:
             self._ensure_metrics()

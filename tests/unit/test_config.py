@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,63 @@ def test_unknown_nvidia_container_cli_key_is_an_error_not_a_silent_default() -> 
     # The toolkit's own keys of that table are still accepted and ignored.
     layer = cfg.parse_toml('[nvidia-container-cli]\nload-kmods = true\nldconfig = "@/sbin/ldconfig"\n', "f")
     assert set(layer.ignored) == {"nvidia-container-cli.load-kmods", "nvidia-container-cli.ldconfig"}
+
+
+# --- one declaration per setting -------------------------------------------------------------
+
+
+def test_every_setting_is_declared_once_and_everything_derives_from_it() -> None:
+    import dataclasses
+
+    from nri_plugin.cli import build_parser
+
+    fields = [f.name for f in dataclasses.fields(cfg.Settings) if f.init]
+    assert list(cfg.SETTINGS) == fields  # every configurable field declares its setting
+    keys = [s.key for s in cfg.SETTINGS.values()]
+    flags = [s.flag for s in cfg.SETTINGS.values() if s.flag]
+    assert len(set(keys)) == len(keys) and len(set(flags)) == len(flags)
+    defaults = cfg.Settings()
+    assert cfg.to_toml_keys(defaults) == {s.key: getattr(defaults, a) for a, s in cfg.SETTINGS.items()}
+    # each declared key is accepted by the TOML schema with its own default value ...
+    for attr, s in cfg.SETTINGS.items():
+        table, _, key = s.key.rpartition(".")
+        doc: dict[str, object] = (
+            {table: {key: getattr(defaults, attr)}} if table else {key: getattr(defaults, attr)}
+        )
+        layer = cfg.layer_from_mapping(doc, "t")
+        assert layer.values == {attr: getattr(defaults, attr)}, s.key
+        assert cfg.provenance(layer) == {s.key: "t"}
+    # ... and each flag exists on `run` and sets exactly its key
+    parser = build_parser()
+    run_help = parser.parse_known_args(["run"])[0]
+    assert all(v is None for v in cfg.flag_values(run_help).values())
+    for attr, s in cfg.SETTINGS.items():
+        if s.flag is None:
+            continue
+        argv = ["run", s.flag] if s.negative_flag else ["run", s.flag, str(getattr(defaults, attr) or "/x")]
+        if s.choices:
+            argv[-1] = s.choices[-1]
+        given = {k: v for k, v in cfg.flag_values(parser.parse_args(argv)).items() if v is not None}
+        assert list(given) == [s.key], (s.flag, given)
+    # the toolkit's own keys are marked as such
+    assert {s.key for s in cfg.SETTINGS.values() if s.toolkit} == {
+        "accept-nvidia-visible-devices-envvar-when-unprivileged",
+        "accept-nvidia-visible-devices-as-volume-mounts",
+        "swarm-resource",
+        "supported-driver-capabilities",
+        "disable-require",
+        "nvidia-container-cli.root",
+        "nvidia-container-cli.ldcache",
+    }
+
+
+def test_settings_changes_are_grouped_by_effect() -> None:
+    old = cfg.Settings()
+    new = dataclasses.replace(old, driver_root="/run/nvidia/driver", log_level="debug", plugin_name="x")
+    assert old.changes(new) == {
+        cfg.Effect.DISCOVERY: ["driver_root"],
+        cfg.Effect.RESTART: ["plugin_name"],
+        cfg.Effect.LOGGING: ["log_level"],
+    }
+    assert new.hook == old.hook  # hook-less changes keep the request model's view
+    assert dataclasses.replace(old, disable_require=True).hook.disable_require is True

@@ -28,6 +28,7 @@ from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus
 
 class RecordingMetrics:
     address = ""
+    listening = ""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []

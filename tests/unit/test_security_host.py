@@ -31,6 +31,7 @@ from nri_plugin.host.driver import HostDriver
 from nri_plugin.host.model import DriverSnapshot, IpcPath
 from nri_plugin.host.nvml import query_nvml
 from nri_plugin.host.pin import pin
+from nri_plugin.metrics import NullMetrics
 from nri_plugin.plugin import GpuPlugin
 from nri_plugin.request.model import GpuRequest, HookConfig
 from nri_plugin.wire._gen import api_pb2 as api
@@ -419,7 +420,12 @@ def test_synchronize_reports_gpu_containers_without_gpus(tmp_path: Path) -> None
     host = _host(tmp_path)
     plugin = _plugin(host)
     seen: list[int] = []
-    plugin.metrics.unadjusted = seen.append  # type: ignore[method-assign]
+
+    class Counting(NullMetrics):
+        def unadjusted(self, count: int) -> None:
+            seen.append(count)
+
+    plugin.metrics = Counting()
     pod = api.PodSandbox(id="p1", name="trainer", namespace="ml")
     served = api.Container(id="c-ok", pod_sandbox_id="p1", name="ok", env=["NVIDIA_VISIBLE_DEVICES=0"])
     served.linux.devices.add(path="/dev/nvidiactl", type="c", major=195, minor=255)

@@ -16,6 +16,7 @@ from nri_plugin.errors import ProtocolError
 from nri_plugin.wire import connection as connection_mod
 from nri_plugin.wire import mux, ttrpc
 from nri_plugin.wire._gen import api_pb2 as api
+from nri_plugin.wire._gen import ttrpc_pb2
 from nri_plugin.wire.connection import Connection
 from nri_plugin.wire.stub import BACKOFF_MAX, Plugin, Stub
 
@@ -45,7 +46,7 @@ def _request(stream_id: int, method: str = "Slow") -> bytes:
     data = ttrpc.encode_message(
         stream_id,
         ttrpc.TYPE_REQUEST,
-        ttrpc.ttrpc_pb2.Request(service=SERVICE, method=method).SerializeToString(),
+        ttrpc_pb2.Request(service=SERVICE, method=method).SerializeToString(),
     )
     return mux.encode_message(mux.PLUGIN_SERVICE_CONN, data)
 

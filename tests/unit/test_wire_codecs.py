@@ -70,6 +70,7 @@ def test_empty_success_response_matches_go_server_and_decodes() -> None:
     client.send_request(RUNTIME, "RegisterPlugin", b"")
     (frame,) = mux.MuxReader().feed(EMPTY_SUCCESS)
     (resp,) = client.receive_data(frame.payload)
+    assert isinstance(resp, ttrpc.ResponseReceived)
     assert resp.ok and resp.payload == b"" and resp.stream_id == 1
 
 
@@ -194,6 +195,7 @@ def test_client_uses_odd_increasing_ids_and_reads_status() -> None:
         ttrpc.MessageIgnored(99, ttrpc.TYPE_RESPONSE),
         ttrpc.MessageIgnored(5, ttrpc.TYPE_REQUEST),
     ]
+    assert isinstance(r3, ttrpc.ResponseReceived) and isinstance(r1, ttrpc.ResponseReceived)
     assert (r3.stream_id, r3.ok, r3.payload) == (3, True, b"p")
     assert (r1.stream_id, r1.code, r1.message) == (1, 12, "method M")
     assert client.pending == frozenset({5, 7})

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -460,7 +460,7 @@ def test_external_plugin_reconnects_and_reregisters(tmp_path: Path) -> None:
 
 
 async def connection_pair(
-    handlers: dict[tuple[str, str], Callable[[bytes], Awaitable[bytes]]],
+    handlers: Mapping[tuple[str, str], Callable[[bytes], Awaitable[bytes]]],
 ) -> tuple[Connection, asyncio.Task[str], socket.socket, list[str]]:
     ours, theirs = socket.socketpair()
     reasons: list[str] = []
@@ -540,7 +540,9 @@ def test_large_response_is_framed_for_the_go_reader() -> None:
             while not responses:
                 for frame in demux.feed(await reader.read(65536)):
                     frames.append(frame)
-                    responses += client.receive_data(frame.payload)
+                    responses += [
+                        r for r in client.receive_data(frame.payload) if isinstance(r, ttrpc.ResponseReceived)
+                    ]
         assert [len(f.payload) for f in frames] == [4096, len(frames[1].payload)]
         assert responses[0].ok and responses[0].payload == big
         await conn.close()
