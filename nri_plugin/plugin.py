@@ -16,7 +16,7 @@ from typing import Any
 from nri_plugin import config as cfg
 from nri_plugin import logs
 from nri_plugin import metrics as metrics_mod
-from nri_plugin.adjust import EMPTY_SELECTION, decide, to_proto
+from nri_plugin.adjust import EMPTY_SELECTION, decide
 from nri_plugin.config import Effect, Layer, Settings
 from nri_plugin.errors import ConfigError, ContainerError, DriverChangedError
 from nri_plugin.host import HostDriver
@@ -265,7 +265,7 @@ class GpuPlugin(Plugin):
                 if self.log.enabled(logs.Level.DEBUG):
                     self.log.debug("no GPU requested", **_who(pod, container))
                 return api.CreateContainerResponse()
-            response = api.CreateContainerResponse(adjust=to_proto(decision.adjustment))
+            response = api.CreateContainerResponse(adjust=decision.message())
         except ContainerError as e:
             elapsed = time.perf_counter() - t0
             self.metrics.failed(type(e).__name__, elapsed)

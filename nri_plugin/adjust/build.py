@@ -59,21 +59,27 @@ capability uses that exists with the wrong type or numbers (``snapshot.invalid_n
 No env changes and no hooks: the spec itself carries everything, so nothing runs in or against the
 container's rootfs on the host's behalf; that hook-less design is the point.
 
+The builder is a table of rules (:data:`RULES`), one per kind of artefact, each deciding from the
+request's typed values, the selection and the snapshot what the container gets of that kind. A
+new kind of host artefact is one discoverer in ``host.discover`` (its items land in
+``snapshot.artefacts[name]``) plus one rule here, usually ``artefact_rule(name, wanted)``.
+
 Order is deterministic (device nodes: control nodes, GPUs in snapshot order, capability nodes;
-mounts: libraries by group, binaries, IPC, firmware); destinations are unique (first wins).
-Results are memoized per (snapshot identity, device list, capabilities, MIG config/monitor).
+mounts: libraries by group, binaries, IPC, firmware, then artefacts in rule order); destinations
+are unique (first wins). Plans are memoized in the snapshot's own cache (``snapshot.cache``), keyed
+by the request's device list, capabilities and MIG config/monitor, with the finished protobuf
+message, so a repeated request costs a copy.
 """
 
 from __future__ import annotations
 
-import functools
 import os.path
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Generic, TypeVar
 
 from nri_plugin.adjust.model import IPC_BIND_OPTIONS, RO_BIND_OPTIONS, Adjustment, MountEdit
+from nri_plugin.adjust.proto import build_message
 from nri_plugin.adjust.select import Selection, select_devices, show_id
 from nri_plugin.errors import ContainerError, DriverChangedError, RequestError
 from nri_plugin.host import (
@@ -81,6 +87,7 @@ from nri_plugin.host import (
     DriverSnapshot,
     FileId,
     Gpu,
+    HostFile,
     HostRoots,
     IpcPath,
     Library,
@@ -90,7 +97,8 @@ from nri_plugin.host import (
     unique_checks,
     verify,
 )
-from nri_plugin.request import ALL_DRIVER_CAPABILITIES, GpuRequest, split_list
+from nri_plugin.request import ALL_DRIVER_CAPABILITIES, GpuRequest
+from nri_plugin.wire import api
 
 LIB_DIRS_64 = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
 LIB_DIRS_32 = ("/usr/lib/i386-linux-gnu", "/usr/lib")
@@ -117,13 +125,10 @@ EXTRA_LIBRARY_NAMES = (
     ("libnvidia-opticalflow.so.", "libnvidia-opticalflow.so"),
     ("libGLX_nvidia.so.", "libGLX_indirect.so.0"),
 )
-T = TypeVar("T")
 CREATE_NODES_HINT = (
     "create the NVIDIA device nodes on the host (`nvidia-modprobe -c <minor>` for a GPU, "
     "`nvidia-modprobe -u -c 0` for the UVM nodes, or `nvidia-ctk system create-device-nodes`)"
 )
-
-
 # The library without which a capability cannot work at all: when discovery found none (an
 # unreadable or redirected ld.so.cache, a broken install) the container fails instead of starting
 # with device nodes and no driver.
@@ -138,27 +143,20 @@ class Plan:
 
     ``checks`` are the pins (``host.pin``) of every mount source of the adjustment, shared
     directories once; ``unpinned`` the sources discovery did not pin (must be empty to mount).
+    ``message`` is the finished protobuf adjustment: callers copy it (``response_message``).
     """
 
     selection: Selection
     adjustment: Adjustment
     checks: tuple[FileId, ...] = ()
     unpinned: tuple[str, ...] = ()
+    message: api.ContainerAdjustment | None = None
 
-
-class Same(Generic[T]):
-    """Cache key by identity; it holds the object, so its id cannot be reused while cached."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: T) -> None:
-        self.obj = obj
-
-    def __hash__(self) -> int:
-        return id(self.obj)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Same) and other.obj is self.obj
+    def response_message(self) -> api.ContainerAdjustment:
+        """A fresh copy of the adjustment message (the caller owns it)."""
+        msg = api.ContainerAdjustment()
+        msg.CopyFrom(self.message if self.message is not None else build_message(self.adjustment))
+        return msg
 
 
 # The memo keys are container-controlled strings.  Requests whose strings are longer than this
@@ -167,28 +165,41 @@ class Same(Generic[T]):
 MEMO_MAX_KEY_CHARS = 8192
 
 
-def plan(request: GpuRequest, snapshot: DriverSnapshot) -> Plan:
-    """Selection and adjustment of ``request`` on ``snapshot`` (memoized; errors are not cached)."""
-    key = (
+def _memo_key(request: GpuRequest) -> tuple[str, str, str, str]:
+    return (
         request.devices,
         request.driver_capabilities,
         request.mig_config_devices,
         request.mig_monitor_devices,
     )
+
+
+def plan(request: GpuRequest, snapshot: DriverSnapshot) -> Plan:
+    """Selection and adjustment of ``request`` on ``snapshot`` (memoized in ``snapshot.cache``;
+    errors are not cached)."""
+    key = _memo_key(request)
     if sum(map(len, key)) > MEMO_MAX_KEY_CHARS:
-        return _plan_cached.__wrapped__(Same(snapshot), *key)
-    return _plan_cached(Same(snapshot), *key)
+        return _make_plan(request, snapshot)
+    cache_key = ("plan", *key)
+    cached = snapshot.cache.get(cache_key)
+    if isinstance(cached, Plan):
+        return cached
+    made = _make_plan(request, snapshot)
+    snapshot.cache.put(cache_key, made)
+    return made
 
 
 def select_for_request(request: GpuRequest, snapshot: DriverSnapshot) -> Selection:
-    """The request's device selection on ``snapshot`` (memoized)."""
-    return _select(Same(snapshot), request.devices)
-
-
-def _select(snap: Same[DriverSnapshot], devices: str) -> Selection:
-    if len(devices) > MEMO_MAX_KEY_CHARS:
-        return _select_cached.__wrapped__(snap, devices)
-    return _select_cached(snap, devices)
+    """The request's device selection on ``snapshot`` (memoized in ``snapshot.cache``)."""
+    if len(request.devices) > MEMO_MAX_KEY_CHARS:
+        return select_devices(request.device_ids, snapshot)
+    cache_key = ("select", request.devices)
+    cached = snapshot.cache.get(cache_key)
+    if isinstance(cached, Selection):
+        return cached
+    selection = select_devices(request.device_ids, snapshot)
+    snapshot.cache.put(cache_key, selection)
+    return selection
 
 
 def build_adjustment(request: GpuRequest, snapshot: DriverSnapshot) -> Adjustment:
@@ -196,40 +207,84 @@ def build_adjustment(request: GpuRequest, snapshot: DriverSnapshot) -> Adjustmen
     return plan(request, snapshot).adjustment
 
 
-def clear_cache() -> None:
-    """Drop all memoized plans (tests; a new snapshot does not need it: its identity differs)."""
-    _select_cached.cache_clear()
-    _plan_cached.cache_clear()
+# --- the rules -------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=512)
-def _select_cached(snap: Same[DriverSnapshot], devices: str) -> Selection:
-    return select_devices(split_list(devices), snap.obj)
+@dataclass(frozen=True, slots=True)
+class Need:
+    """What a rule decides from: the request's typed values, its selection, the snapshot."""
+
+    snapshot: DriverSnapshot
+    selection: Selection
+    caps: frozenset[str]
+    config_all: bool  # NVIDIA_MIG_CONFIG_DEVICES=all
+    monitor_all: bool  # NVIDIA_MIG_MONITOR_DEVICES=all
 
 
-@functools.lru_cache(maxsize=512)
-def _plan_cached(
-    snap: Same[DriverSnapshot], devices: str, driver_capabilities: str, mig_config: str, mig_monitor: str
-) -> Plan:
-    snapshot = snap.obj
-    selection = _select(snap, devices)
-    all_selected = any(i.lower() == "all" for i in split_list(devices))
-    caps = _capabilities(driver_capabilities)
-    config_all = _mig_all("NVIDIA_MIG_CONFIG_DEVICES", "mig-config", mig_config, all_selected, selection)
-    monitor_all = _mig_all("NVIDIA_MIG_MONITOR_DEVICES", "mig-monitor", mig_monitor, all_selected, selection)
-    _check_key_libraries(snapshot, caps)
-    mounts, sources = _mounts(snapshot, caps)
-    adjustment = Adjustment(
-        devices=_device_nodes(snapshot, selection, caps, config_all, monitor_all),
-        mounts=mounts,
+Edit = DeviceNode | tuple[str, MountEdit]
+"""What a rule yields: a device node, or a mount with the host path (as this process reads it)
+of its source, which must be pinned."""
+Rule = Callable[[Need], Iterable[Edit]]
+
+
+def _make_plan(request: GpuRequest, snapshot: DriverSnapshot) -> Plan:
+    selection = select_for_request(request, snapshot)
+    caps = _capabilities(request)
+    need = Need(
+        snapshot=snapshot,
+        selection=selection,
+        caps=caps,
+        config_all=_mig_all("NVIDIA_MIG_CONFIG_DEVICES", "mig-config", request, selection),
+        monitor_all=_mig_all("NVIDIA_MIG_MONITOR_DEVICES", "mig-monitor", request, selection),
     )
+    _check_key_libraries(snapshot, caps)
+    devices: dict[str, DeviceNode] = {}
+    mounts: dict[str, tuple[str, MountEdit]] = {}
+    for _name, rule in RULES:
+        for edit in rule(need):
+            if isinstance(edit, DeviceNode):
+                devices.setdefault(edit.path, edit)
+            else:
+                mounts.setdefault(edit[1].destination, edit)
+    adjustment = Adjustment(devices=tuple(devices.values()), mounts=tuple(m for _, m in mounts.values()))
+    sources = tuple(dict.fromkeys(source for source, _ in mounts.values()))
     pins = snapshot.pins
     return Plan(
         selection,
         adjustment,
         checks=hot_path_checks(unique_checks(pins[src] for src in sources if src in pins)),
         unpinned=tuple(src for src in sources if src not in pins),
+        message=build_message(adjustment),
     )
+
+
+def _capabilities(request: GpuRequest) -> frozenset[str]:
+    unknown = sorted(request.capabilities - KNOWN_CAPABILITIES)
+    if unknown:
+        raise RequestError(
+            f"NVIDIA_DRIVER_CAPABILITIES={request.driver_capabilities!r}: unknown driver capability "
+            f"{unknown[0]!r}; use a comma list of {ALL_DRIVER_CAPABILITIES} or 'all'"
+        )
+    return request.capabilities
+
+
+def _mig_all(variable: str, what: str, request: GpuRequest, selection: Selection) -> bool:
+    """True when the variable asks for the global MIG config/monitor mode (only ``all`` exists)."""
+    config = what == "mig-config"
+    value = request.mig_config_devices if config else request.mig_monitor_devices
+    for element in request.mig_config_ids if config else request.mig_monitor_ids:
+        if element.lower() != "all":
+            raise ContainerError(
+                f"{variable}={show_id(value)}: {show_id(element)}: only 'all' devices are currently "
+                f"supported; set {variable}=all or unset it"
+            )
+        if not request.all_devices and selection.mig_devices:
+            raise ContainerError(
+                f"{variable}=all: cannot enable {what} with specific MIG devices selected; "
+                f"set NVIDIA_VISIBLE_DEVICES=all or unset {variable}"
+            )
+        return True
+    return False
 
 
 def _check_key_libraries(snapshot: DriverSnapshot, caps: frozenset[str]) -> None:
@@ -253,37 +308,51 @@ def _check_key_libraries(snapshot: DriverSnapshot, caps: frozenset[str]) -> None
             )
 
 
-def _capabilities(driver_capabilities: str) -> frozenset[str]:
-    caps = frozenset(split_list(driver_capabilities))
-    unknown = sorted(caps - KNOWN_CAPABILITIES)
-    if unknown:
-        raise RequestError(
-            f"NVIDIA_DRIVER_CAPABILITIES={driver_capabilities!r}: unknown driver capability "
-            f"{unknown[0]!r}; use a comma list of {ALL_DRIVER_CAPABILITIES} or 'all'"
+# --- device node rules -------------------------------------------------------------------------
+
+
+def _node(snapshot: DriverSnapshot, path: str, why: str, *, required: bool) -> DeviceNode | None:
+    """The node at ``path``; a node that exists with the wrong numbers always fails ``why``, a
+    missing one only when ``required``."""
+    node = snapshot.device_nodes.get(path)
+    if node is not None:
+        return node
+    problem = snapshot.invalid_nodes.get(path)
+    if problem is not None:
+        raise ContainerError(
+            f"{why}: device node {path} exists but is wrong ({problem}); recreate it with the "
+            f"driver's numbers (remove it and run `nvidia-modprobe`, or `nvidia-ctk system "
+            "create-device-nodes`)"
         )
-    return caps
+    if required:
+        raise ContainerError(
+            f"{why}: device node {path} is missing under the dev root {snapshot.roots.dev_root!r}; "
+            f"{CREATE_NODES_HINT}"
+        )
+    return None
 
 
-def _mig_all(variable: str, what: str, value: str, all_selected: bool, selection: Selection) -> bool:
-    """True when ``value`` asks for the global MIG config/monitor mode (only ``all`` exists)."""
-    for element in value.split(","):
-        if not element:
-            continue
-        if element.lower() != "all":
-            raise ContainerError(
-                f"{variable}={show_id(value)}: {show_id(element)}: only 'all' devices are currently "
-                f"supported; set {variable}=all or unset it"
-            )
-        if not all_selected and selection.mig_devices:
-            raise ContainerError(
-                f"{variable}=all: cannot enable {what} with specific MIG devices selected; "
-                f"set NVIDIA_VISIBLE_DEVICES=all or unset {variable}"
-            )
-        return True
-    return False
+def control_nodes(need: Need) -> Iterator[Edit]:
+    """``/dev/nvidiactl`` always; UVM with compute or video, modeset with display, if present."""
+    snap, caps = need.snapshot, need.caps
+    wanted: list[tuple[str, str, bool]] = [("/dev/nvidiactl", "the NVIDIA control device", True)]
+    if "compute" in caps or "video" in caps:
+        why = "the unified memory device (compute, video)"
+        wanted += [("/dev/nvidia-uvm", why, False), ("/dev/nvidia-uvm-tools", why, False)]
+    if "display" in caps:
+        wanted.append(("/dev/nvidia-modeset", "the mode-setting device (display)", False))
+    for path, why, required in wanted:
+        node = _node(snap, path, why, required=required)
+        if node is not None:
+            yield node
 
 
-# --- device nodes -------------------------------------------------------------------------------
+def gpu_nodes(need: Need) -> Iterator[Edit]:
+    """``/dev/nvidia<minor>`` of every selected GPU (and parent of a selected MIG device)."""
+    for gpu in need.selection.gpus:
+        node = _node(need.snapshot, f"/dev/nvidia{gpu.minor}", f"GPU {gpu.index} ({gpu.uuid})", required=True)
+        assert node is not None
+        yield node
 
 
 def _cap_proc_path(cap: str) -> str:
@@ -305,53 +374,12 @@ def _gpu_access_caps(gpu: Gpu, mig_minors: Mapping[str, int]) -> list[str]:
     return sorted((cap for cap in mig_minors if cap.startswith(prefix)), key=lambda cap: mig_minors[cap])
 
 
-def _device_nodes(
-    snapshot: DriverSnapshot, selection: Selection, caps: frozenset[str], config_all: bool, monitor_all: bool
-) -> tuple[DeviceNode, ...]:
-    nodes = snapshot.device_nodes
-    out: dict[str, DeviceNode] = {}
-
-    invalid = snapshot.invalid_nodes
-
-    def refuse_invalid(path: str, why: str) -> None:
-        problem = invalid.get(path)
-        if problem is not None:
-            raise ContainerError(
-                f"{why}: device node {path} exists but is wrong ({problem}); recreate it with the "
-                f"driver's numbers (remove it and run `nvidia-modprobe`, or `nvidia-ctk system "
-                "create-device-nodes`)"
-            )
-
-    def required(path: str, why: str) -> None:
-        node = nodes.get(path)
-        if node is None:
-            refuse_invalid(path, why)
-            raise ContainerError(
-                f"{why}: device node {path} is missing under the dev root {snapshot.roots.dev_root!r}; "
-                f"{CREATE_NODES_HINT}"
-            )
-        out.setdefault(path, node)
-
-    def optional(path: str, why: str = "") -> None:
-        node = nodes.get(path)
-        if node is not None:
-            out.setdefault(path, node)
-        elif why:
-            refuse_invalid(path, why)
-
-    required("/dev/nvidiactl", "the NVIDIA control device")
-    if "compute" in caps or "video" in caps:
-        optional("/dev/nvidia-uvm", "the unified memory device (compute, video)")
-        optional("/dev/nvidia-uvm-tools", "the unified memory device (compute, video)")
-    if "display" in caps:
-        optional("/dev/nvidia-modeset", "the mode-setting device (display)")
-    for gpu in selection.gpus:
-        required(f"/dev/nvidia{gpu.minor}", f"GPU {gpu.index} ({gpu.uuid})")
-
-    mig_minors = snapshot.mig_minors
-    for mig in selection.mig_devices:
+def mig_access_nodes(need: Need) -> Iterator[Edit]:
+    """The GI and CI access capability nodes of every selected MIG device (all required)."""
+    snap = need.snapshot
+    for mig in need.selection.mig_devices:
         for cap in _mig_access_caps(mig):
-            minor = mig_minors.get(cap)
+            minor = snap.mig_minors.get(cap)
             if minor is None:
                 raise ContainerError(
                     f"MIG device {mig.uuid}: capability {cap!r} is not listed in {MIG_MINORS_PATH}; "
@@ -359,34 +387,37 @@ def _device_nodes(
                     "(or check that the nvidia-caps module is loaded)"
                 )
             path = f"{CAPS_DEV_DIR}/nvidia-cap{minor}"
-            if path not in nodes:
+            node = snap.device_nodes.get(path)
+            if node is None:
                 raise ContainerError(
                     f"MIG device {mig.uuid}: device node {path} ({cap}) is missing under the dev root "
-                    f"{snapshot.roots.dev_root!r}; create it with "
-                    f"`nvidia-modprobe -f {_cap_proc_path(cap)}`"
+                    f"{snap.roots.dev_root!r}; create it with `nvidia-modprobe -f {_cap_proc_path(cap)}`"
                 )
-            out.setdefault(path, nodes[path])
+            yield node
 
-    for enabled, global_cap in ((config_all, "config"), (monitor_all, "monitor")):
+
+def mig_mode_nodes(need: Need) -> Iterator[Edit]:
+    """``NVIDIA_MIG_CONFIG_DEVICES`` / ``NVIDIA_MIG_MONITOR_DEVICES=all``: the config (monitor)
+    capability and every access capability of the selected MIG-enabled GPUs, where present."""
+    snap = need.snapshot
+    for enabled, global_cap in ((need.config_all, "config"), (need.monitor_all, "monitor")):
         if not enabled:
             continue
         wanted: list[str] = [global_cap]
-        for gpu in selection.gpus:
+        for gpu in need.selection.gpus:
             if gpu.mig_enabled:
-                wanted.extend(_gpu_access_caps(gpu, mig_minors))
+                wanted.extend(_gpu_access_caps(gpu, snap.mig_minors))
         for cap in wanted:
-            minor = mig_minors.get(cap)
-            if minor is not None:
-                optional(f"{CAPS_DEV_DIR}/nvidia-cap{minor}")
-    return tuple(out.values())
+            minor = snap.mig_minors.get(cap)
+            node = None if minor is None else snap.device_nodes.get(f"{CAPS_DEV_DIR}/nvidia-cap{minor}")
+            if node is not None:
+                yield node
 
 
-# --- mounts -------------------------------------------------------------------------------------
+# --- mount rules -------------------------------------------------------------------------------
 
 
-def _library_mounts(
-    libraries: Iterable[Library], dirs: tuple[str, ...], roots: HostRoots
-) -> Iterable[tuple[str, MountEdit]]:
+def _library_mounts(libraries: Iterable[Library], dirs: tuple[str, ...], roots: HostRoots) -> Iterator[Edit]:
     for lib in libraries:
         names = [lib.file_name, lib.soname]
         names.extend(extra for prefix, extra in EXTRA_LIBRARY_NAMES if lib.soname.startswith(prefix))
@@ -396,45 +427,86 @@ def _library_mounts(
                 yield lib.host_path, MountEdit(source, f"{directory}/{name}", RO_BIND_OPTIONS)
 
 
-def _mounts(snapshot: DriverSnapshot, caps: frozenset[str]) -> tuple[tuple[MountEdit, ...], tuple[str, ...]]:
-    """The mounts, and the host paths (as this process reads them) of their sources."""
+def _library_groups(caps: frozenset[str]) -> list[str]:
     groups = {group for cap in caps for group in LIBRARY_GROUPS.get(cap, ())}
-    ordered = [group for group in LIBRARY_GROUP_ORDER if group in groups]
-    roots = snapshot.roots
-    mounts: list[tuple[str, MountEdit]] = []
-    for group in ordered:
-        mounts.extend(_library_mounts(snapshot.libraries.get(group, ()), LIB_DIRS_64, roots))
-    if "compat32" in caps:
-        for group in ordered:
-            mounts.extend(_library_mounts(snapshot.libraries32.get(group, ()), LIB_DIRS_32, roots))
+    return [group for group in LIBRARY_GROUP_ORDER if group in groups]
 
-    bin_groups = [g for g in ("utility", "compute") if g in caps]
-    for group in bin_groups:
-        for host_path in snapshot.binaries.get(group, ()):
-            dest = f"{BIN_DIR}/{os.path.basename(host_path)}"
-            mounts.append((host_path, MountEdit(roots.to_host(host_path), dest, RO_BIND_OPTIONS)))
 
-    ipc: list[IpcPath | None] = []
+def libraries(need: Need) -> Iterator[Edit]:
+    """The 64-bit libraries of the groups the capabilities select, in both library directories."""
+    snap = need.snapshot
+    for group in _library_groups(need.caps):
+        yield from _library_mounts(snap.libraries.get(group, ()), LIB_DIRS_64, snap.roots)
+
+
+def libraries32(need: Need) -> Iterator[Edit]:
+    """With compat32: the 32-bit variants of the same groups."""
+    if "compat32" in need.caps:
+        snap = need.snapshot
+        for group in _library_groups(need.caps):
+            yield from _library_mounts(snap.libraries32.get(group, ()), LIB_DIRS_32, snap.roots)
+
+
+def binaries(need: Need) -> Iterator[Edit]:
+    """Utility binaries with utility, MPS binaries with compute, at /usr/bin/<name>."""
+    snap = need.snapshot
+    for group in ("utility", "compute"):
+        if group in need.caps:
+            for host_path in snap.binaries.get(group, ()):
+                dest = f"{BIN_DIR}/{os.path.basename(host_path)}"
+                yield host_path, MountEdit(snap.roots.to_host(host_path), dest, RO_BIND_OPTIONS)
+
+
+def ipc(need: Need) -> Iterator[Edit]:
+    """persistenced/fabricmanager sockets with utility, the MPS pipe directory with compute or
+    video; always at the fixed container path, never where the entry resolved."""
+    snap, caps = need.snapshot, need.caps
+    wanted: list[IpcPath | None] = []
     if "utility" in caps:
-        ipc += [snapshot.persistenced_socket, snapshot.fabricmanager_socket]
+        wanted += [snap.persistenced_socket, snap.fabricmanager_socket]
     if "compute" in caps or "video" in caps:
-        ipc.append(snapshot.mps_pipe_dir)
-    for entry in ipc:
-        if entry is not None:  # the destination is the fixed path, never where the entry resolved
-            mounts.append(
-                (
-                    entry.host_path,
-                    MountEdit(roots.to_host(entry.host_path), entry.container_path, IPC_BIND_OPTIONS),
-                )
-            )
+        wanted.append(snap.mps_pipe_dir)
+    for entry in wanted:
+        if entry is not None:
+            source = snap.roots.to_host(entry.host_path)
+            yield entry.host_path, MountEdit(source, entry.container_path, IPC_BIND_OPTIONS)
 
-    driver_root = snapshot.roots.driver_root
-    for host_path in snapshot.firmware:
-        dest = strip_root(driver_root, host_path)
-        mounts.append((host_path, MountEdit(roots.to_host(host_path), dest, RO_BIND_OPTIONS)))
 
-    unique: dict[str, tuple[str, MountEdit]] = {}
-    for source, mount in mounts:
-        unique.setdefault(mount.destination, (source, mount))
-    sources = dict.fromkeys(source for source, _ in unique.values())
-    return tuple(mount for _, mount in unique.values()), tuple(sources)
+def firmware(need: Need) -> Iterator[Edit]:
+    """GSP firmware of this driver version, for every GPU container, at its driver-root path."""
+    snap = need.snapshot
+    for host_path in snap.firmware:
+        dest = strip_root(snap.roots.driver_root, host_path)
+        yield host_path, MountEdit(snap.roots.to_host(host_path), dest, RO_BIND_OPTIONS)
+
+
+def artefact_rule(name: str, wanted: Callable[[Need], bool]) -> Rule:
+    """The rule for ``snapshot.artefacts[name]``: all of them (device nodes, and files mounted
+    read-only or, for writable ones, like IPC) when ``wanted(need)``."""
+
+    def rule(need: Need) -> Iterator[Edit]:
+        if not wanted(need):
+            return
+        roots = need.snapshot.roots
+        for item in need.snapshot.artefacts.get(name, ()):
+            if isinstance(item, HostFile):
+                options = IPC_BIND_OPTIONS if item.writable else RO_BIND_OPTIONS
+                yield item.host_path, MountEdit(roots.to_host(item.host_path), item.container_path, options)
+            else:
+                yield item
+
+    return rule
+
+
+# In order: device nodes (control, GPUs, capabilities), then mounts; artefact rules last.
+RULES: tuple[tuple[str, Rule], ...] = (
+    ("control nodes", control_nodes),
+    ("GPU nodes", gpu_nodes),
+    ("MIG access nodes", mig_access_nodes),
+    ("MIG config/monitor nodes", mig_mode_nodes),
+    ("libraries", libraries),
+    ("32-bit libraries", libraries32),
+    ("binaries", binaries),
+    ("IPC", ipc),
+    ("firmware", firmware),
+)

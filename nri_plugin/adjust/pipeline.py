@@ -13,12 +13,12 @@ the seed hook, a malformed env entry of a non-GPU container is none of our busin
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nri_plugin.adjust.build import plan, select_for_request
+from nri_plugin.adjust.build import Plan, plan, select_for_request
 from nri_plugin.adjust.model import EMPTY_ADJUSTMENT, Adjustment
+from nri_plugin.adjust.proto import to_proto
 from nri_plugin.adjust.select import Selection
 from nri_plugin.errors import (
     ContainerError,
@@ -35,8 +35,8 @@ from nri_plugin.request import (
     Mount,
     check_requirements,
     resolve_request,
-    split_list,
 )
+from nri_plugin.wire import api
 
 _VOLUME_MOUNT_MARK = DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT.rsplit("/", 1)[-1]  # "nvidia-container-devices"
 
@@ -48,21 +48,19 @@ class Decision:
     request: GpuRequest | None
     selection: Selection | None
     adjustment: Adjustment
+    plan: Plan | None = None
+
+    def message(self) -> api.ContainerAdjustment:
+        """The adjustment as a fresh protobuf message (a copy of the plan's, when there is one)."""
+        return self.plan.response_message() if self.plan is not None else to_proto(self.adjustment)
 
 
 NO_GPU = Decision(None, None, EMPTY_ADJUSTMENT)
 
 
-@functools.lru_cache(maxsize=16)
-def _trigger_prefixes(swarm_resource: str) -> tuple[str, ...]:
-    names = ["NVIDIA_VISIBLE_DEVICES", "CUDA_VERSION"]
-    names += split_list(swarm_resource)
-    return tuple(f"{name}=" for name in names)
-
-
 def may_request_gpus(env: Sequence[str], mounts: Sequence[Mount], config: HookConfig) -> bool:
     """Cheap necessary condition for a GPU request (false -> certainly not a GPU container)."""
-    prefixes = _trigger_prefixes(config.swarm_resource)
+    prefixes = config.trigger_prefixes
     for entry in env:
         if entry.startswith(prefixes):
             return True
@@ -111,7 +109,7 @@ def decide(
         check_selection_requirements(request.requirements, selection, snapshot)
     chosen = plan(request, snapshot)
     verify_plan(chosen.checks, chosen.unpinned)
-    return Decision(request, selection, chosen.adjustment)
+    return Decision(request, selection, chosen.adjustment, chosen)
 
 
 def verify_plan(checks: Sequence[FileId], unpinned: Sequence[str]) -> None:

@@ -152,10 +152,11 @@ def render_adjustment(adj: Adjustment, out: TextIO, indent: str = "  ") -> None:
         )
 
 
-def vars_of(value: object) -> dict[str, object]:
+def vars_of(value: Any) -> dict[str, object]:
+    """The fields of a dataclass value as they were given (derived ``init=False`` fields left out)."""
     import dataclasses
 
-    return dataclasses.asdict(value)  # type: ignore[call-overload, no-any-return]
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
 
 
 def items(entry: Mapping[str, object]) -> list[str]:

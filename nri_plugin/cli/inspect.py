@@ -16,6 +16,7 @@ from nri_plugin.cli.common import (
     host_snapshot,
     load_layers,
     render_adjustment,
+    vars_of,
 )
 
 NAME = "inspect"
@@ -82,7 +83,6 @@ def _container_inputs(args: argparse.Namespace) -> tuple[list[str], list[Any], b
 
 
 def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> int:
-    import dataclasses
     import json
 
     from nri_plugin import config as cfg
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> in
 
         doc: dict[str, object] = {
             "container": label,
-            "request": None if req is None else dataclasses.asdict(req),
+            "request": None if req is None else vars_of(req),
             "gpus": [] if req is None else [gpu_dict(g) for g in selection.gpus],
             "mig_devices": [] if req is None else [m.uuid for m in selection.mig_devices],
             "adjustment": json_format.MessageToDict(to_proto(adj), preserving_proto_field_name=True),

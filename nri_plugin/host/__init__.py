@@ -10,10 +10,12 @@ from nri_plugin.host.model import (
     DriverSnapshot,
     FileId,
     Gpu,
+    HostFile,
     HostRoots,
     IpcPath,
     Library,
     MigDevice,
+    SnapshotCache,
 )
 from nri_plugin.host.paths import strip_root
 from nri_plugin.host.pin import hot_path_checks, unique_checks, verify
@@ -25,10 +27,12 @@ __all__ = [
     "FileId",
     "Gpu",
     "HostDriver",
+    "HostFile",
     "HostRoots",
     "IpcPath",
     "Library",
     "MigDevice",
+    "SnapshotCache",
     "discover",
     "explain_no_driver",
     "hot_path_checks",

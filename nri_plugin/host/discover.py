@@ -22,9 +22,10 @@ import glob
 import os
 import platform
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from nri_plugin.errors import HostDiscoveryError
 from nri_plugin.host.ldcache import LdCacheEntry, read_ldcache
@@ -34,6 +35,7 @@ from nri_plugin.host.model import (
     DriverSnapshot,
     FileId,
     Gpu,
+    HostFile,
     HostRoots,
     IpcPath,
     Library,
@@ -482,6 +484,186 @@ def explain_no_driver(roots: HostRoots = DEFAULT_ROOTS, *, ldcache_path: str = "
     )
 
 
+# ------------------------------------------------------------------------------------ composition
+#
+# Discovery is a list of small discoverers, in the spirit of the toolkit's internal/discover
+# (Discover/Merge/FirstValid): each reads one kind of host artefact into the Context and returns
+# the DriverSnapshot fields it found, by name. A discoverer may read what earlier ones found
+# (``ctx.found``); the device facts come from the first valid of NVML and /proc (``first_valid``).
+# Every mount source a discoverer offers is declared with ``ctx.offer`` and pinned at the end.
+# A new kind of artefact is one more discoverer here, returning ``{"artefacts": {name: items}}``
+# (``HostFile``s, pinned automatically, and ``DeviceNode``s), and one rule in ``adjust.build``.
+
+
+@dataclass
+class Context:
+    """What discoverers share: the configuration, the notes, and the results so far."""
+
+    roots: HostRoots
+    ldcache_path: str
+    use_nvml: bool
+    mps_pipe_dir: str
+    nvml_timeout: float
+    nvml_query: Callable[[str], NvmlInfo] | None
+    arches: Arches
+    notes: _Notes = field(default_factory=_Notes)
+    found: dict[str, Any] = field(default_factory=dict)
+    sources: list[tuple[str, str, bool]] = field(default_factory=list)  # (root, host path, by dir)
+    artefacts: dict[str, tuple[DeviceNode | HostFile, ...]] = field(default_factory=dict)
+
+    def offer(self, root: str, host_path: str, *, by_directory: bool) -> None:
+        """Declare a mount source, to be pinned (``host.pin``) before the snapshot is returned."""
+        self.sources.append((root, host_path, by_directory))
+
+
+Discoverer = Callable[[Context], Mapping[str, Any] | None]
+"""Reads the host, returns snapshot fields by name (``None``: nothing found, for ``first_valid``)."""
+
+
+def first_valid(*discoverers: Discoverer) -> Discoverer:
+    """The result of the first discoverer that finds something."""
+
+    def run(ctx: Context) -> Mapping[str, Any] | None:
+        for discoverer in discoverers:
+            found = discoverer(ctx)
+            if found is not None:
+                return found
+        return None
+
+    return run
+
+
+def _ldcache(ctx: Context) -> Mapping[str, Any]:
+    entries = _read_ldcache_entries(ctx.roots, ctx.ldcache_path, ctx.notes)
+    native, root = ctx.arches.native, ctx.roots.driver_root
+    return {
+        "_entries": entries,
+        "_nvml_lib": _lookup_soname(entries, NVML_SONAME, native, root),
+        "_cuda_lib": _lookup_soname(entries, "libcuda.so.1", native, root),
+        "_version_text": read_text(ctx.roots.proc_root, "driver/nvidia/version"),
+    }
+
+
+def _nvml_facts(ctx: Context) -> Mapping[str, Any] | None:
+    nvml_lib = ctx.found["_nvml_lib"]
+    if not ctx.use_nvml:
+        return None
+    if nvml_lib is None:
+        ctx.notes.add(f"{NVML_SONAME} not in the ld.so.cache: using /proc/driver/nvidia for device facts")
+        return None
+    try:
+        info = ctx.nvml_query(nvml_lib) if ctx.nvml_query else query_nvml(nvml_lib, timeout=ctx.nvml_timeout)
+    except HostDiscoveryError as exc:
+        ctx.notes.add(f"NVML unavailable, using /proc/driver/nvidia instead: {exc}")
+        return None
+    return {
+        "driver_version": info.driver_version,
+        "cuda_version": info.cuda_version,
+        "gpus": info.gpus,
+        "source": "nvml",
+    }
+
+
+def _proc_facts(ctx: Context) -> Mapping[str, Any]:
+    found, roots = ctx.found, ctx.roots
+    version = _fallback_driver_version(found["_nvml_lib"], found["_cuda_lib"], found["_version_text"])
+    if version is None:
+        raise HostDiscoveryError(
+            "cannot determine the NVIDIA driver version: no libcuda.so.<version> / "
+            f"libnvidia-ml.so.<version> under driver root {roots.driver_root!r} and "
+            f"{resolve_in_root(roots.proc_root, 'driver/nvidia/version')} is unreadable; reinstall "
+            "the driver or fix the driver root"
+        )
+    gpus = tuple(
+        Gpu(index=i, uuid=g.uuid, minor=g.minor, bus_id=g.bus_id, model=g.model)
+        for i, g in enumerate(read_proc_gpus(roots.proc_root))
+    )
+    return {"driver_version": version, "cuda_version": None, "gpus": gpus, "source": "proc"}
+
+
+def _kernel_numbers(ctx: Context) -> Mapping[str, Any]:
+    proc = ctx.roots.proc_root
+    return {
+        "char_majors": MappingProxyType(_char_majors(proc)),
+        "mig_minors": MappingProxyType(_proc_mig_minors(proc)),
+    }
+
+
+def _libraries(ctx: Context) -> Mapping[str, Any]:
+    root, version, entries = ctx.roots.driver_root, ctx.found["driver_version"], ctx.found["_entries"]
+    rejected: list[str] = []
+    libraries = select_libraries(entries, root, ctx.arches.native, version, ctx.notes, rejected=rejected)
+    libraries32: dict[str, tuple[Library, ...]] = {}
+    if ctx.arches.compat32 is not None:
+        libraries32 = select_libraries(entries, root, ctx.arches.compat32, version, None, is_32bit=True)
+    for libs in (libraries, libraries32):
+        for group in libs.values():
+            for lib in group:
+                ctx.offer(root, lib.host_path, by_directory=True)
+    return {
+        "libraries": MappingProxyType(libraries),
+        "libraries32": MappingProxyType(libraries32),
+        "rejected": unique_checks(pin_resolution(root, value) for value in rejected),
+    }
+
+
+def _binaries(ctx: Context) -> Mapping[str, Any]:
+    binaries = find_binaries(ctx.roots.driver_root, ctx.notes)
+    for paths in binaries.values():
+        for path in paths:
+            ctx.offer(ctx.roots.driver_root, path, by_directory=True)
+    return {"binaries": MappingProxyType(binaries)}
+
+
+def _ipc(ctx: Context) -> Mapping[str, Any]:
+    run_root, notes = ctx.roots.run_root, ctx.notes
+    persistenced = _first_ipc(run_root, PERSISTENCED_SOCKETS, stat.S_IFSOCK, notes)
+    if persistenced is None:
+        notes.add("missing ipc path /run/nvidia-persistenced/socket")
+    found = {
+        "persistenced_socket": persistenced,
+        "fabricmanager_socket": _first_ipc(run_root, FABRICMANAGER_SOCKETS, stat.S_IFSOCK, notes),
+        "mps_pipe_dir": find_ipc(run_root, ctx.mps_pipe_dir, stat.S_IFDIR, notes),
+    }
+    for ipc in found.values():
+        if ipc is not None:
+            ctx.offer(run_root, ipc.host_path, by_directory=False)
+    return found
+
+
+def _firmware(ctx: Context) -> Mapping[str, Any]:
+    firmware = find_firmware(ctx.roots.driver_root, ctx.found["driver_version"])
+    for path in firmware:
+        ctx.offer(ctx.roots.driver_root, path, by_directory=True)
+    return {"firmware": firmware}
+
+
+def _device_nodes(ctx: Context) -> Mapping[str, Any]:
+    found, invalid = ctx.found, dict[str, str]()
+    nodes = find_device_nodes(
+        ctx.roots.dev_root, found["gpus"], found["char_majors"], found["mig_minors"], ctx.notes, invalid
+    )
+    return {"device_nodes": MappingProxyType(nodes), "invalid_nodes": MappingProxyType(invalid)}
+
+
+# In order: each may read what the ones before it found.
+DISCOVERERS: tuple[tuple[str, Discoverer], ...] = (
+    ("ldcache", _ldcache),
+    ("device facts", first_valid(_nvml_facts, _proc_facts)),
+    ("kernel numbers", _kernel_numbers),
+    ("libraries", _libraries),
+    ("binaries", _binaries),
+    ("ipc", _ipc),
+    ("firmware", _firmware),
+    ("device nodes", _device_nodes),
+)
+
+
+def _has_driver(ctx: Context) -> bool:
+    found = ctx.found
+    return not (found["_nvml_lib"] is None and found["_cuda_lib"] is None and found["_version_text"] is None)
+
+
 def discover(
     roots: HostRoots = DEFAULT_ROOTS,
     *,
@@ -491,116 +673,50 @@ def discover(
     nvml_timeout: float = 20.0,
     nvml_query: Callable[[str], NvmlInfo] | None = None,
     machine: str | None = None,
+    discoverers: Sequence[tuple[str, Discoverer]] = DISCOVERERS,
 ) -> DriverSnapshot | None:
     """Read the host driver below ``roots``; ``None`` when there is no NVIDIA driver at all.
 
-    ``nvml_query`` replaces the NVML child process (tests); ``machine`` overrides ``uname -m``.
-    Raises :class:`HostDiscoveryError` when the tree is unreadable or inconsistent.
+    Runs ``discoverers`` in order over one :class:`Context` and composes their results, plus the
+    pins of every offered mount source, into the snapshot. ``nvml_query`` replaces the NVML child
+    process (tests); ``machine`` overrides ``uname -m``. Raises :class:`HostDiscoveryError` when
+    the tree is unreadable or inconsistent.
     """
-    notes = _Notes()
-    arches = machine_arches(machine)
-    entries = _read_ldcache_entries(roots, ldcache_path, notes)
-    nvml_lib = _lookup_soname(entries, NVML_SONAME, arches.native, roots.driver_root)
-    cuda_lib = _lookup_soname(entries, "libcuda.so.1", arches.native, roots.driver_root)
-    version_text = read_text(roots.proc_root, "driver/nvidia/version")
-    if nvml_lib is None and cuda_lib is None and version_text is None:
-        return None
-
-    info: NvmlInfo | None = None
-    if use_nvml and nvml_lib is not None:
-        try:
-            if nvml_query is not None:
-                info = nvml_query(nvml_lib)
-            else:
-                info = query_nvml(nvml_lib, timeout=nvml_timeout)
-        except HostDiscoveryError as exc:
-            notes.add(f"NVML unavailable, using /proc/driver/nvidia instead: {exc}")
-    elif use_nvml:
-        notes.add(f"{NVML_SONAME} not in the ld.so.cache: using /proc/driver/nvidia for device facts")
-
-    if info is not None:
-        driver_version = info.driver_version
-        gpus = info.gpus
-        source = "nvml"
-        cuda_version = info.cuda_version
-    else:
-        fallback = _fallback_driver_version(nvml_lib, cuda_lib, version_text)
-        if fallback is None:
-            raise HostDiscoveryError(
-                "cannot determine the NVIDIA driver version: no libcuda.so.<version> / "
-                f"libnvidia-ml.so.<version> under driver root {roots.driver_root!r} and "
-                f"{resolve_in_root(roots.proc_root, 'driver/nvidia/version')} is unreadable; reinstall "
-                "the driver or fix the driver root"
-            )
-        driver_version = fallback
-        source = "proc"
-        cuda_version = None
-        gpus = tuple(
-            Gpu(index=i, uuid=g.uuid, minor=g.minor, bus_id=g.bus_id, model=g.model)
-            for i, g in enumerate(read_proc_gpus(roots.proc_root))
-        )
-
-    char_majors = _char_majors(roots.proc_root)
-    mig_minors = _proc_mig_minors(roots.proc_root)
-    rejected: list[str] = []
-    libraries = select_libraries(
-        entries, roots.driver_root, arches.native, driver_version, notes, rejected=rejected
+    ctx = Context(
+        roots=roots,
+        ldcache_path=ldcache_path,
+        use_nvml=use_nvml,
+        mps_pipe_dir=mps_pipe_dir,
+        nvml_timeout=nvml_timeout,
+        nvml_query=nvml_query,
+        arches=machine_arches(machine),
     )
-    libraries32: dict[str, tuple[Library, ...]] = {}
-    if arches.compat32 is not None:
-        libraries32 = select_libraries(
-            entries, roots.driver_root, arches.compat32, driver_version, None, is_32bit=True
-        )
-    binaries = find_binaries(roots.driver_root, notes)
-    persistenced = _first_ipc(roots.run_root, PERSISTENCED_SOCKETS, stat.S_IFSOCK, notes)
-    if persistenced is None:
-        notes.add("missing ipc path /run/nvidia-persistenced/socket")
-    fabricmanager = _first_ipc(roots.run_root, FABRICMANAGER_SOCKETS, stat.S_IFSOCK, notes)
-    mps = find_ipc(roots.run_root, mps_pipe_dir, stat.S_IFDIR, notes)
-    firmware = find_firmware(roots.driver_root, driver_version)
-    invalid: dict[str, str] = {}
-    nodes = find_device_nodes(roots.dev_root, gpus, char_majors, mig_minors, notes, invalid)
+    for name, discoverer in discoverers:
+        result = discoverer(ctx)
+        if result is None:
+            raise HostDiscoveryError(f"host discovery step {name!r} found nothing")
+        found = dict(result)
+        ctx.artefacts.update(found.pop("artefacts", {}))
+        ctx.found.update(found)
+        if name == "ldcache" and not _has_driver(ctx):
+            return None
+    for items in ctx.artefacts.values():  # artefact files are pinned like every mount source
+        for item in items:
+            if isinstance(item, HostFile):
+                ctx.offer(item.root, item.host_path, by_directory=not item.writable)
     pins: dict[str, tuple[FileId, ...]] = {}
-    sources = [  # (root, host path, pinned through its directory)
-        *(
-            (roots.driver_root, lib.host_path, True)
-            for libs in (libraries, libraries32)
-            for group in libs.values()
-            for lib in group
-        ),
-        *((roots.driver_root, path, True) for paths in binaries.values() for path in paths),
-        *((roots.driver_root, path, True) for path in firmware),
-        *(
-            (roots.run_root, ipc.host_path, False)
-            for ipc in (persistenced, fabricmanager, mps)
-            if ipc is not None
-        ),
-    ]
-    for root, host_path, by_directory in sources:
+    for root, host_path, by_directory in ctx.sources:
         try:
             pins[host_path] = pin(root, host_path, by_directory=by_directory)
         except HostDiscoveryError as exc:
-            notes.add(f"refused mount source: {exc}")
+            ctx.notes.add(f"refused mount source: {exc}")
+    fields = {k: v for k, v in ctx.found.items() if not k.startswith("_")}
     return DriverSnapshot(
         roots=roots,
-        driver_version=driver_version,
-        cuda_version=cuda_version,
-        gpus=gpus,
-        source=source,
-        char_majors=MappingProxyType(char_majors),
-        mig_minors=MappingProxyType(mig_minors),
-        libraries=MappingProxyType(libraries),
-        libraries32=MappingProxyType(libraries32),
-        binaries=MappingProxyType(binaries),
-        persistenced_socket=persistenced,
-        fabricmanager_socket=fabricmanager,
-        mps_pipe_dir=mps,
-        firmware=firmware,
-        device_nodes=MappingProxyType(nodes),
-        missing=tuple(notes.items),
+        missing=tuple(ctx.notes.items),
         pins=MappingProxyType(pins),
-        rejected=unique_checks(pin_resolution(roots.driver_root, value) for value in rejected),
-        invalid_nodes=MappingProxyType(invalid),
+        artefacts=MappingProxyType(dict(ctx.artefacts)),
+        **fields,
     )
 
 

@@ -97,6 +97,16 @@ class IpcPath:
 
 
 @dataclass(frozen=True, slots=True)
+class HostFile:
+    """A host file or directory a discoverer offers for mounting (an ``artefacts`` item)."""
+
+    container_path: str  # where it goes in the container
+    host_path: str  # where this process found it (below ``root``; pinned)
+    root: str  # the root it was discovered under
+    writable: bool = False  # an IPC socket or directory (mounted read-write, noexec)
+
+
+@dataclass(frozen=True, slots=True)
 class FileId:
     """What a path named at discovery was: re-checked with one ``lstat`` before it is mounted."""
 
@@ -110,6 +120,38 @@ class FileId:
     # way, whose entries may change freely (think /tmp or /run).
     stamp_ns: int = 0
     follow: bool = False  # True only for a configured root itself (which may be a symlink)
+
+
+class SnapshotCache:
+    """A bounded memo owned by one snapshot, for values computed from it (``adjust`` keeps its
+    device selections and plans here). It lives and dies with the snapshot: a new snapshot
+    starts empty, so nothing computed from an old driver state can be served for a new one.
+    Least recently used entries go first; ``get``/``put`` are O(1). Not thread-safe: it is used
+    from the event loop only (``inspect`` runs single-threaded too)."""
+
+    __slots__ = ("_data", "max_entries")
+
+    def __init__(self, max_entries: int = 512) -> None:
+        self._data: dict[object, object] = {}
+        self.max_entries = max_entries
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: object) -> object | None:
+        value = self._data.pop(key, None)
+        if value is not None:
+            self._data[key] = value  # most recently used last
+        return value
+
+    def put(self, key: object, value: object) -> None:
+        self._data.pop(key, None)
+        self._data[key] = value
+        while len(self._data) > self.max_entries:
+            del self._data[next(iter(self._data))]
+
+    def clear(self) -> None:
+        self._data.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,3 +183,8 @@ class DriverSnapshot:
     rejected: tuple[FileId, ...] = ()
     # Device nodes that exist but are not what the driver says (wrong type or numbers): path -> why.
     invalid_nodes: Mapping[str, str] = field(default_factory=dict)
+    # What the discoverers added after the core ones found, by discoverer name; each has one
+    # rule in adjust.build that decides when a container gets them.
+    artefacts: Mapping[str, tuple[DeviceNode | HostFile, ...]] = field(default_factory=dict)
+    # init=False: every snapshot, also one made by dataclasses.replace, starts with its own cache
+    cache: SnapshotCache = field(default_factory=SnapshotCache, init=False, compare=False, repr=False)

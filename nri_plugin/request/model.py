@@ -7,7 +7,7 @@ derived accessors for the layers below.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # The seed's constants (reference/seed/container_config.go).
 ALL_DRIVER_CAPABILITIES = "compute,compat32,graphics,utility,video,display,ngx"
@@ -44,6 +44,13 @@ class HookConfig:
     supported_driver_capabilities: str = DEFAULT_SUPPORTED_DRIVER_CAPABILITIES
     # disable-require: forces NVIDIA_DISABLE_REQUIRE=true
     disable_require: bool = False
+    # Derived once: the "NAME=" prefixes of the variables that can make a container a GPU container
+    # (the fast path of adjust.pipeline checks every env entry against them).
+    trigger_prefixes: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = ("NVIDIA_VISIBLE_DEVICES", "CUDA_VERSION", *split_list(self.swarm_resource))
+        object.__setattr__(self, "trigger_prefixes", tuple(f"{name}=" for name in names))
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +64,24 @@ class GpuRequest:
     requirements: tuple[str, ...]  # one entry per NVIDIA_REQUIRE_* value (+ legacy cuda>=X.Y), sorted
     disable_require: bool
 
-    @property
-    def device_ids(self) -> tuple[str, ...]:
-        """Device ids as the CLI sees them: comma-split, trimmed, empty elements dropped."""
-        return split_list(self.devices)
+    # Parsed once, when the request is made (the layers below never re-split the strings):
+    device_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    """Device ids as the CLI sees them: comma-split, trimmed, empty elements dropped."""
+    all_devices: bool = field(init=False, repr=False, compare=False)
+    """Some element of the device list is ``all`` (any case)."""
+    capabilities: frozenset[str] = field(init=False, repr=False, compare=False)
+    """The set of requested driver capabilities."""
+    mig_config_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    mig_monitor_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
-    @property
-    def capabilities(self) -> frozenset[str]:
-        """The set of requested driver capabilities."""
-        return frozenset(split_list(self.driver_capabilities))
+    def __post_init__(self) -> None:
+        ids = split_list(self.devices)
+        derived = {
+            "device_ids": ids,
+            "all_devices": any(i.lower() == "all" for i in ids),
+            "capabilities": frozenset(split_list(self.driver_capabilities)),
+            "mig_config_ids": tuple(e for e in self.mig_config_devices.split(",") if e),
+            "mig_monitor_ids": tuple(e for e in self.mig_monitor_devices.split(",") if e),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)

@@ -12,7 +12,6 @@ from nri_plugin.adjust.build import (
     LIB_DIRS_32,
     LIB_DIRS_64,
     build_adjustment,
-    clear_cache,
     plan,
     select_for_request,
 )
@@ -339,7 +338,7 @@ def test_unknown_capability_and_device() -> None:
 
 
 def test_memoized_per_snapshot_identity() -> None:
-    clear_cache()
+    SNAP.cache.clear()
     first = build_adjustment(request("0,1"), SNAP)
     assert build_adjustment(request("0,1"), SNAP) is first
     assert select_for_request(request("0,1"), SNAP) is plan(request("0,1"), SNAP).selection
@@ -350,9 +349,8 @@ def test_memoized_per_snapshot_identity() -> None:
 
 
 def test_deterministic_order() -> None:
-    clear_cache()
+    SNAP.cache.clear()
     a = build_adjustment(request("1,0", "video,utility,graphics"), SNAP)
-    clear_cache()
     b = build_adjustment(request("0,1", "graphics,video,utility"), snapshot())
     assert a == b
 
@@ -361,9 +359,7 @@ def test_long_request_strings_do_not_stay_in_the_memo() -> None:
     """The memo is keyed by container-controlled strings; valid but huge ones (repeated ids,
     repeated capabilities, ``all`` followed by anything) must not be kept in it: 512 entries of
     a few MB each would be gigabytes."""
-    from nri_plugin.adjust import build
-
-    clear_cache()
+    SNAP.cache.clear()
     small = build_adjustment(request("0"), SNAP)
     long_and_short = [
         (request(",".join(["0"] * 20_000)), request("0")),
@@ -373,8 +369,8 @@ def test_long_request_strings_do_not_stay_in_the_memo() -> None:
     ]
     for long, short in long_and_short:
         expected = (build_adjustment(short, SNAP), select_for_request(short, SNAP))
-        sizes = (build._plan_cached.cache_info().currsize, build._select_cached.cache_info().currsize)
+        size = len(SNAP.cache)
         for _ in range(2):
             assert (build_adjustment(long, SNAP), select_for_request(long, SNAP)) == expected
-        assert (build._plan_cached.cache_info().currsize, build._select_cached.cache_info().currsize) == sizes
+        assert len(SNAP.cache) == size
     assert build_adjustment(request("0"), SNAP) is small  # short ones are still memoized

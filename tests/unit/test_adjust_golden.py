@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from nri_plugin.adjust.build import build_adjustment, clear_cache
+from nri_plugin.adjust.build import build_adjustment
 from nri_plugin.adjust.model import Adjustment
 from nri_plugin.host.discover import discover
 from nri_plugin.host.model import DriverSnapshot
@@ -132,7 +132,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> dict[HostSpec, tuple[str,
 def test_golden(case: str, hosts: dict[HostSpec, tuple[str, DriverSnapshot]]) -> None:
     spec, gpu_request = CASES[case]
     root, snapshot = hosts[spec]
-    clear_cache()
+    snapshot.cache.clear()  # computed afresh, not taken from an earlier case
     got = to_json(build_adjustment(gpu_request, snapshot), root)
     path = GOLDEN / f"adjust_{case}.json"
     if os.environ.get("UPDATE_GOLDEN") == "1":
