@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import logging
 import os
+import re
 import socket
 import struct
 import sys
