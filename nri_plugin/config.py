@@ -185,6 +185,20 @@ def _setting(default: Any, **declaration: Any) -> Any:
     return field(default=default, metadata={"setting": Setting(**declaration)})
 
 
+def _boolean(default: bool, key: str, help: str, **more: Any) -> Any:
+    return _setting(default, key=key, type_name=_BOOL, check=_is_bool, help=help, **more)
+
+
+def _string(default: str, key: str, help: str, **more: Any) -> Any:
+    return _setting(default, key=key, type_name=_STR, check=_is_str, help=help, **more)
+
+
+def _root_dir(default: str, key: str, help: str, flag: str | None = None, **more: Any) -> Any:
+    """An absolute directory the host is read from: a change means rediscovery."""
+    more.setdefault("metavar", "DIR")
+    return _string(default, key, help, convert=_abs_path, flag=flag, effect=Effect.DISCOVERY, **more)
+
+
 _STR = "a string"
 _BOOL = "a boolean (true/false)"
 _HOOK = HookConfig()  # the toolkit's defaults for its keys
@@ -196,170 +210,121 @@ class Settings:
     ``hook`` is derived: the toolkit keys the request model reads, as one value."""
 
     # --- the toolkit's top-level keys ------------------------------------------------------
-    accept_envvar_unprivileged: bool = _setting(
+    accept_envvar_unprivileged: bool = _boolean(
         _HOOK.accept_envvar_unprivileged,
         key="accept-nvidia-visible-devices-envvar-when-unprivileged",
-        type_name=_BOOL,
-        check=_is_bool,
         help="unprivileged containers may request GPUs by environment variable",
         toolkit=True,
     )
-    accept_volume_mounts: bool = _setting(
+    accept_volume_mounts: bool = _boolean(
         _HOOK.accept_volume_mounts,
         key="accept-nvidia-visible-devices-as-volume-mounts",
-        type_name=_BOOL,
-        check=_is_bool,
         help="read the device list from /var/run/nvidia-container-devices mounts",
         toolkit=True,
     )
-    swarm_resource: str = _setting(
+    swarm_resource: str = _string(
         _HOOK.swarm_resource,
         key="swarm-resource",
-        type_name=_STR,
-        check=_is_str,
         help="environment variables (comma-separated) that carry the device list first",
         toolkit=True,
     )
-    supported_driver_capabilities: str = _setting(
+    supported_driver_capabilities: str = _string(
         _HOOK.supported_driver_capabilities,
         key="supported-driver-capabilities",
-        type_name=_STR,
-        check=_is_str,
         help="driver capabilities containers may ask for",
         toolkit=True,
     )
-    disable_require: bool = _setting(
+    disable_require: bool = _boolean(
         _HOOK.disable_require,
         key="disable-require",
-        type_name=_BOOL,
-        check=_is_bool,
         help="ignore NVIDIA_REQUIRE_* for every container",
         toolkit=True,
     )
     # --- [nvidia-container-cli] ------------------------------------------------------------
-    driver_root: str = _setting(
+    driver_root: str = _string(
         "/",
         key="nvidia-container-cli.root",
-        type_name=_STR,
-        check=_is_str,
-        convert=_root,
         help="host driver root (nvidia-container-cli.root), e.g. /run/nvidia/driver",
+        convert=_root,
         flag="--driver-root",
         metavar="DIR",
         toolkit=True,
         effect=Effect.DISCOVERY,
     )
-    ldcache: str = _setting(
+    ldcache: str = _string(
         "",  # "" = /etc/ld.so.cache
         key="nvidia-container-cli.ldcache",
-        type_name=_STR,
-        check=_is_str,
-        convert=_opt_abs_path,
         help="ld.so.cache inside the driver root (default /etc/ld.so.cache)",
+        convert=_opt_abs_path,
         flag="--ldcache",
         metavar="FILE",
         toolkit=True,
         effect=Effect.DISCOVERY,
     )
     # --- [nri-plugin] ----------------------------------------------------------------------
-    dev_root: str = _setting(
+    dev_root: str = _root_dir(
         "/",
         key="nri-plugin.dev-root",
-        type_name=_STR,
-        check=_is_str,
-        convert=_abs_path,
         help="root of the /dev tree with the NVIDIA device nodes",
         flag="--dev-root",
-        metavar="DIR",
-        effect=Effect.DISCOVERY,
     )
-    proc_root: str = _setting(
+    proc_root: str = _root_dir(
         "/proc",
         key="nri-plugin.proc-root",
-        type_name=_STR,
-        check=_is_str,
-        convert=_abs_path,
         help="procfs to read /driver/nvidia from (default /proc)",
         flag="--proc-root",
-        metavar="DIR",
-        effect=Effect.DISCOVERY,
     )
-    sys_root: str = _setting(
+    sys_root: str = _root_dir(
         "/sys",
         key="nri-plugin.sys-root",
-        type_name=_STR,
-        check=_is_str,
-        convert=_abs_path,
         help="sysfs root (default /sys)",
         flag="--sys-root",
-        metavar="DIR",
-        effect=Effect.DISCOVERY,
     )
-    run_root: str = _setting(
+    run_root: str = _root_dir(
         "/",
         key="nri-plugin.run-root",
-        type_name=_STR,
-        check=_is_str,
-        convert=_abs_path,
         help="root for IPC sockets (persistenced, MPS)",
         flag="--run-root",
-        metavar="DIR",
-        effect=Effect.DISCOVERY,
     )
     # Where the host's / is mounted in this process's view ("/host" in a DaemonSet pod): prefixed
     # to driver-root, dev-root and run-root for reading, stripped from the mount sources handed to
     # containerd. proc-root and sys-root are not prefixed: a container's procfs/sysfs are the host
     # kernel's, so /proc/driver/nvidia and /proc/devices read the same in a pod.
-    host_root: str = _setting(
+    host_root: str = _root_dir(
         "/",
         key="nri-plugin.host-root",
-        type_name=_STR,
-        check=_is_str,
-        convert=_abs_path,
         help="where the host's / is mounted in this process's view (e.g. /host in a pod); prefixed "
         "to the driver/dev/run roots, stripped from the mount sources given to containerd",
         flag="--host-root",
-        metavar="DIR",
-        effect=Effect.DISCOVERY,
     )
-    use_nvml: bool = _setting(
+    use_nvml: bool = _boolean(
         True,
         key="nri-plugin.use-nvml",
-        type_name=_BOOL,
-        check=_is_bool,
         help="read GPUs from /proc/driver/nvidia instead of NVML",
         flag="--no-nvml",
         negative_flag=True,
         effect=Effect.DISCOVERY,
     )
-    mps_pipe_dir: str = _setting(
+    mps_pipe_dir: str = _root_dir(
         "/tmp/nvidia-mps",
         key="nri-plugin.mps-pipe-dir",
-        type_name=_STR,
-        check=_is_str,
-        convert=_abs_path,
         help="the MPS pipe directory, inside the run root",
-        effect=Effect.DISCOVERY,
     )
-    socket_path: str = _setting(
+    socket_path: str = _string(
         "/var/run/nri/nri.sock",
         key="nri-plugin.socket-path",
-        type_name=_STR,
-        check=_is_str,
-        convert=_abs_path,
         help="NRI socket of an external plugin (default /var/run/nri/nri.sock)",
+        convert=_abs_path,
         flag="--socket",
         metavar="PATH",
         run_only=True,
         effect=Effect.RESTART,
     )
-    plugin_name: str = _setting(
+    plugin_name: str = _string(
         "nvidia-gpu",
         key="nri-plugin.plugin-name",
-        type_name=_STR,
-        check=_is_str,
-        convert=_name,
         help="plugin name (default nvidia-gpu)",
+        convert=_name,
         flag="--name",
         metavar="NAME",
         run_only=True,
@@ -377,49 +342,41 @@ class Settings:
         run_only=True,
         effect=Effect.RESTART,
     )
-    log_level: str = _setting(
+    log_level: str = _string(
         "info",
         key="nri-plugin.log-level",
-        type_name=_STR,
-        check=_is_str,
-        convert=_choice(LOG_LEVELS),
         help="debug, info, warning or error",
+        convert=_choice(LOG_LEVELS),
         flag="--log-level",
         choices=LOG_LEVELS,
         run_only=True,
         effect=Effect.LOGGING,
     )
-    log_format: str = _setting(
+    log_format: str = _string(
         "logfmt",
         key="nri-plugin.log-format",
-        type_name=_STR,
-        check=_is_str,
-        convert=_choice(LOG_FORMATS),
         help="logfmt or json",
+        convert=_choice(LOG_FORMATS),
         flag="--log-format",
         choices=LOG_FORMATS,
         run_only=True,
         effect=Effect.LOGGING,
     )
-    log_file: str = _setting(
+    log_file: str = _string(
         "",
         key="nri-plugin.log-file",
-        type_name=_STR,
-        check=_is_str,
-        convert=_opt_abs_path,
         help="log to FILE instead of stderr/the journal",
+        convert=_opt_abs_path,
         flag="--log-file",
         metavar="FILE",
         run_only=True,
         effect=Effect.LOGGING,
     )
-    metrics_address: str = _setting(
+    metrics_address: str = _string(
         "",  # "" = no metrics endpoint
         key="nri-plugin.metrics-address",
-        type_name=_STR,
-        check=_is_str,
-        convert=_address,
         help="serve Prometheus metrics, e.g. 127.0.0.1:9400",
+        convert=_address,
         flag="--metrics-address",
         metavar="HOST:PORT",
         run_only=True,
