@@ -177,10 +177,11 @@ def _parse(text: str) -> Requirement:
 
 # The caches below are keyed by container-controlled strings.  Values longer than this (real
 # NVIDIA_REQUIRE_CUDA strings are well under 2 KiB) bypass them: a parsed multi-megabyte value
-# costs tens of MB, and thousands of them would be kept.
+# costs tens of MB, and thousands of them would be kept. 512 entries of at most 4 KiB keep a
+# pod that creates many distinct requirement strings from growing the plugin (a node sees few).
 _CACHE_MAX_CHARS = 4096
 
-_compile = functools.lru_cache(maxsize=4096)(_parse)
+_compile = functools.lru_cache(maxsize=512)(_parse)
 
 
 def parse_requirement(expr: str) -> Requirement:
@@ -307,7 +308,7 @@ def check_requirement(expr: str, facts: HostFacts) -> None:
         raise RequirementError(problem)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)
 def _outcome(expr: str, facts: HostFacts) -> str | None:
     """:func:`_evaluate` of a short ``expr``, cached: a node sees few distinct (requirement,
     device) pairs."""
