@@ -80,6 +80,7 @@ class GpuPlugin(Plugin):
         self.notifier = notifier if notifier is not None else Notifier({})
         self._stub_counts = stub_counts
         self._watch_task: asyncio.Task[None] | None = None
+        self._deferred_report: asyncio.Task[None] | None = None
         self.runtime = ""
 
     # -- lifecycle (called by cli.run) ---------------------------------------------------------
@@ -91,7 +92,7 @@ class GpuPlugin(Plugin):
         is already running: past it we register anyway and the discovery finishes in the background.
         """
         t0 = time.perf_counter()
-        task = asyncio.ensure_future(asyncio.to_thread(self.driver.refresh))
+        task = self.driver.start_refresh()
 
         def report(_: object = None) -> None:
             if not task.cancelled() and task.exception() is not None:
@@ -101,7 +102,8 @@ class GpuPlugin(Plugin):
             self._log_snapshot("host driver discovered", (time.perf_counter() - t0) * 1000)
 
         try:
-            await (task if budget is None else asyncio.wait_for(asyncio.shield(task), budget))
+            # shielded: the refresh is shared (HostDriver.start_refresh); our cancellation is not its
+            await (asyncio.shield(task) if budget is None else asyncio.wait_for(asyncio.shield(task), budget))
         except TimeoutError:
             self.log.warning(
                 "host driver discovery is still running; registering anyway, GPU containers "
@@ -173,6 +175,8 @@ class GpuPlugin(Plugin):
         self.log.info("metrics endpoint listening", metrics_address=address, listening=self.metrics.listening)
 
     async def close(self) -> None:
+        if self._deferred_report is not None:
+            self._deferred_report.cancel()
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -318,7 +322,26 @@ class GpuPlugin(Plugin):
         reconnecting, too slow) started without any adjustment. Each such container -- its request
         resolves to GPUs on the current snapshot, yet its spec has no ``/dev/nvidiactl`` -- is
         logged with its pod and counted in ``nri_gpu_unadjusted_containers``. Nothing is changed.
+        Right after a start the first discovery may still run (registration does not wait for it):
+        then the check runs as soon as it has finished.
         """
+        if self.driver.snapshot() is None and self.driver.pending:
+            if self._deferred_report is not None:
+                self._deferred_report.cancel()
+            self._deferred_report = asyncio.get_running_loop().create_task(
+                self._report_after_discovery(pods, containers), name="unadjusted-report"
+            )
+            return []
+        self._report_unadjusted(pods, containers)
+        return []
+
+    async def _report_after_discovery(
+        self, pods: list[api.PodSandbox], containers: list[api.Container]
+    ) -> None:
+        await asyncio.shield(self.driver.start_refresh())
+        self._report_unadjusted(pods, containers)
+
+    def _report_unadjusted(self, pods: list[api.PodSandbox], containers: list[api.Container]) -> None:
         by_id = {pod.id: pod for pod in pods}
         snap = self.driver.snapshot()
         count = 0
@@ -348,7 +371,6 @@ class GpuPlugin(Plugin):
         self.metrics.unadjusted(count)
         if count:
             self.log.warning("containers without their GPUs found at Synchronize", count=count)
-        return []
 
     async def on_registered(self) -> None:
         snap = self.driver.snapshot()

@@ -94,7 +94,6 @@ from nri_plugin.host import (
     MigDevice,
     hot_path_checks,
     strip_root,
-    unique_checks,
     verify,
 )
 from nri_plugin.request import ALL_DRIVER_CAPABILITIES, GpuRequest
@@ -252,7 +251,7 @@ def _make_plan(request: GpuRequest, snapshot: DriverSnapshot) -> Plan:
     return Plan(
         selection,
         adjustment,
-        checks=hot_path_checks(unique_checks(pins[src] for src in sources if src in pins)),
+        checks=hot_path_checks(pins[src] for src in sources if src in pins),
         unpinned=tuple(src for src in sources if src not in pins),
         message=build_message(adjustment),
     )

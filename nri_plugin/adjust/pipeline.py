@@ -13,7 +13,7 @@ the seed hook, a malformed env entry of a non-GPU container is none of our busin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from nri_plugin.adjust.build import Plan, plan, select_for_request
@@ -21,7 +21,6 @@ from nri_plugin.adjust.model import EMPTY_ADJUSTMENT, Adjustment
 from nri_plugin.adjust.proto import to_proto
 from nri_plugin.adjust.select import Selection
 from nri_plugin.errors import (
-    ContainerError,
     DiscoveryPendingError,
     DriverChangedError,
     DriverNotFoundError,
@@ -108,16 +107,20 @@ def decide(
     if not request.disable_require:
         check_selection_requirements(request.requirements, selection, snapshot)
     chosen = plan(request, snapshot)
-    verify_plan(chosen.checks, chosen.unpinned)
+    verify_plan(chosen.checks, chosen.unpinned, snapshot.pin_errors)
     return Decision(request, selection, chosen.adjustment, chosen)
 
 
-def verify_plan(checks: Sequence[FileId], unpinned: Sequence[str]) -> None:
+def verify_plan(
+    checks: Sequence[FileId], unpinned: Sequence[str], pin_errors: Mapping[str, str] | None = None
+) -> None:
     """Refuse to mount anything that is no longer what discovery checked (``host.pin``)."""
     if unpinned:
-        raise ContainerError(
-            f"internal error: mount source {unpinned[0]!r} was not pinned at discovery; refusing to "
-            "mount it (a bug in the NVIDIA NRI plugin)"
+        why = (pin_errors or {}).get(unpinned[0], "not pinned at discovery")
+        raise DriverChangedError(
+            f"the host driver changed while it was discovered: {why}; not mounting "
+            f"{unpinned[0]!r}. The plugin is rediscovering the driver: retry the container (kubelet "
+            "does so by itself)"
         )
     problem = verify(checks)
     if problem is not None:

@@ -166,6 +166,12 @@ def _driver_version_from_name(file_name: str, soname_prefix: str) -> str | None:
     return None
 
 
+# Rejected library candidates remembered for the "did the missing library come back?" check on the
+# hot path (``DriverSnapshot.rejected``): a crafted cache with a million entries must not make it
+# unbounded.
+MAX_REJECTED = 64
+
+
 def select_libraries(
     entries: Iterable[LdCacheEntry],
     driver_root: str,
@@ -207,7 +213,7 @@ def select_libraries(
                 chosen[prefix] = Library(
                     soname=entry.key, host_path=host_path, file_name=file_name, is_32bit=is_32bit
                 )
-            elif rejected is not None:
+            elif rejected is not None and len(rejected) < MAX_REJECTED:
                 rejected.append(entry.value)
             break
     out: dict[str, tuple[Library, ...]] = {}
@@ -309,7 +315,11 @@ def find_ipc(run_root: str, container_path: str, fmt: int, notes: _Notes) -> Ipc
         if why is not None:
             raise _Refused(f"{host_path} is {why}")
     except _Refused as exc:
-        notes.add(f"refused ipc path {container_path}: {exc} (not mounted into containers)")
+        notes.add(
+            f"refused ipc path {container_path}: {exc} (not mounted into containers; it must be a "
+            "root-owned socket or directory, not a symlink: fix the owner of the daemon that creates "
+            "it, or remove what someone else planted there)"
+        )
         return None
     except OSError as exc:
         notes.add(f"refused ipc path {container_path}: cannot inspect it: {exc.strerror}")
@@ -705,16 +715,19 @@ def discover(
             if isinstance(item, HostFile):
                 ctx.offer(item.root, item.host_path, by_directory=not item.writable)
     pins: dict[str, tuple[FileId, ...]] = {}
+    pin_errors: dict[str, str] = {}
     for root, host_path, by_directory in ctx.sources:
         try:
             pins[host_path] = pin(root, host_path, by_directory=by_directory)
-        except HostDiscoveryError as exc:
+        except HostDiscoveryError as exc:  # e.g. removed between finding and pinning (an upgrade)
+            pin_errors[host_path] = str(exc)
             ctx.notes.add(f"refused mount source: {exc}")
     fields = {k: v for k, v in ctx.found.items() if not k.startswith("_")}
     return DriverSnapshot(
         roots=roots,
         missing=tuple(ctx.notes.items),
         pins=MappingProxyType(pins),
+        pin_errors=MappingProxyType(pin_errors),
         artefacts=MappingProxyType(dict(ctx.artefacts)),
         **fields,
     )

@@ -110,16 +110,25 @@ class HostDriver:
         snap = self._snapshot
         if snap is None:
             return False
+        if snap.pin_errors:  # a source vanished while it was being discovered: try again
+            return True
         return verify(unique_checks(snap.pins.values())) is not None or verify(snap.rejected) is not None
 
-    async def refresh_soon(self, budget: float) -> bool:
-        """Re-discover now, off the loop, sharing one refresh among concurrent callers; wait for it
-        at most ``budget`` seconds. True when a refresh finished within the budget (whether or not
-        it changed anything); the refresh goes on in the background otherwise."""
+    def start_refresh(self) -> asyncio.Future[bool]:
+        """The refresh in progress, or a new one in a worker thread: every caller (start-up, the
+        watch, a CreateContainer that found the driver changed) shares one, so discovery never
+        runs twice at once (with a hanging NVML that would double the wait)."""
         task = self._pending
         if task is None or task.done():
             task = asyncio.ensure_future(asyncio.to_thread(self.refresh))
             self._pending = task
+        return task
+
+    async def refresh_soon(self, budget: float) -> bool:
+        """Re-discover now (:meth:`start_refresh`) and wait for it at most ``budget`` seconds.
+        True when a refresh finished within the budget (whether or not it changed anything); the
+        refresh goes on in the background otherwise."""
+        task = self.start_refresh()
         try:
             await asyncio.wait_for(asyncio.shield(task), budget)
         except TimeoutError:
@@ -168,8 +177,10 @@ class HostDriver:
         while True:
             try:
                 # changed() stats files below the roots: never on the loop that serves containerd.
+                if self._pending is not None and not self._pending.done():
+                    await asyncio.shield(self._pending)  # e.g. the first discovery: do not queue another
                 stale = self._fingerprint is None or await asyncio.to_thread(self.changed)
-                if stale and await asyncio.to_thread(self.refresh):
+                if stale and await self.start_refresh():
                     log.info("host driver changed: %s", _summary(self._snapshot))
             except Exception as exc:  # the watcher must survive anything a weird host throws at it
                 self.last_error = f"host driver watch failed: {exc!r}"

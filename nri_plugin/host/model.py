@@ -114,10 +114,10 @@ class FileId:
     dev: int
     ino: int
     fmt: int  # stat.S_IFMT(st_mode): S_IFREG, S_IFDIR, S_IFSOCK, ...
-    # When non-zero, also compared: st_ctime_ns of a file (a rewrite in place, or a new file reusing
-    # the inode number, changes it), st_mtime_ns of a directory pinned for the files in it (any entry
-    # created, removed, renamed or replaced by a symlink changes it). 0 for the directories on the
-    # way, whose entries may change freely (think /tmp or /run).
+    # When non-zero, st_ctime_ns, also compared: of a directory pinned for the driver files in it
+    # (any entry created, removed, renamed or replaced by a symlink changes it; no one can set it
+    # back), or of a file pinned itself (a rewrite in place changes it). 0 for the directories on
+    # the way, whose entries may change freely, and for IPC entries, which containers write to.
     stamp_ns: int = 0
     follow: bool = False  # True only for a configured root itself (which may be a symlink)
 
@@ -178,6 +178,7 @@ class DriverSnapshot:
     # itself, as discovery saw them. The hot path re-checks them (``host.pin.verify``) so that a
     # file swapped after discovery is never handed to containerd.
     pins: Mapping[str, tuple[FileId, ...]] = field(default_factory=dict)
+    pin_errors: Mapping[str, str] = field(default_factory=dict)  # host path -> why it is not pinned
     # What the library candidates that discovery rejected resolved through (``pin_resolution``):
     # a change there (a dangling libcuda link repaired) makes a rediscovery worthwhile.
     rejected: tuple[FileId, ...] = ()

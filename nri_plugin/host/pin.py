@@ -29,7 +29,9 @@ from nri_plugin.errors import HostDiscoveryError
 from nri_plugin.host.model import FileId
 from nri_plugin.host.paths import resolve_in_root
 
-RECENT_NS = 2_000_000_000  # a directory modified less than this ago: pin its files as well
+# A directory modified (mtime) less than this ago: pin its files as well -- on a file system with
+# coarse timestamps a second change in the same tick would not move its ctime stamp.
+RECENT_NS = 2_000_000_000
 
 _KIND = {
     stat.S_IFREG: "a regular file",
@@ -47,7 +49,10 @@ def kind_name(fmt: int) -> str:
 
 
 def _stamp(fmt: int, st: os.stat_result) -> int:
-    return st.st_mtime_ns if fmt == stat.S_IFDIR else st.st_ctime_ns
+    # ctime, not mtime: it changes with every entry added, removed or renamed in a directory (and
+    # with every write or chmod of a file), and no one can set it back -- a root attacker can reset
+    # an mtime with utimensat() after swapping an entry.
+    return st.st_ctime_ns
 
 
 def _file_id(path: str, st: os.stat_result, *, follow: bool = False, stamped: bool = False) -> FileId:
@@ -61,9 +66,10 @@ def pin(root: str, host_path: str, *, by_directory: bool = False) -> tuple[FileI
     down to ``host_path`` (not followed), which must lie below ``root``.
 
     ``by_directory``: the file is pinned through its directory -- the chain ends at the directory,
-    stamped with its mtime, so that one check covers every driver file in it (any swap of an entry
+    stamped with its ctime, so that one check covers every driver file in it (any swap of an entry
     changes the directory). Otherwise (IPC entries, which live in busy directories such as /tmp)
-    the chain ends at the file itself, stamped with its ctime.
+    the chain ends at the entry itself, *unstamped*: containers write to IPC entries (they are
+    mounted read-write), which changes their times, so only inode and type are compared.
 
     Raises :class:`HostDiscoveryError` when a component below the root is a symlink or not a
     directory, or cannot be read.
@@ -93,7 +99,7 @@ def pin(root: str, host_path: str, *, by_directory: bool = False) -> tuple[FileI
                     # the same tick would not move the mtime, so the file is pinned as well.
                     chain.append(_file_id(current, st, stamped=True))
             else:
-                chain.append(_file_id(current, st, stamped=last))
+                chain.append(_file_id(current, st))
     except OSError as exc:
         raise HostDiscoveryError(f"cannot pin mount source {host_path!r}: {exc.strerror}") from exc
     return tuple(chain)
@@ -153,13 +159,14 @@ def verify(checks: Iterable[FileId]) -> str | None:
     return None
 
 
-def hot_path_checks(checks: Iterable[FileId]) -> tuple[FileId, ...]:
-    """The pins CreateContainer re-checks: the stamped ones only (directories holding driver
-    files, IPC entries). The directories on the way need no check of their own there: ``lstat``
-    of a stamped path resolves through them as runc will, so an ancestor swapped for a symlink to
-    other files yields another inode and is caught; one that leads to the very same inode mounts
-    the very same files. The watch loop still checks every pin of the chains."""
-    return tuple(c for c in checks if c.stamp_ns)
+def hot_path_checks(chains: Iterable[tuple[FileId, ...]]) -> tuple[FileId, ...]:
+    """The pins CreateContainer re-checks: the last of each chain (the directory holding driver
+    files, an IPC entry, or a recently changed file itself), each once. The directories on the way
+    need no check of their own there: ``lstat`` of the last path resolves through them as runc
+    will, so an ancestor swapped for a symlink to other files yields another inode and is caught;
+    one that leads to the very same inode mounts the very same files. The watch loop still checks
+    every pin of the chains."""
+    return unique_checks((chain[-1],) for chain in chains if chain)
 
 
 def unique_checks(chains: Iterable[tuple[FileId, ...]]) -> tuple[FileId, ...]:

@@ -43,6 +43,9 @@ CLOSE_FLUSH_TIMEOUT = 1.0  # seconds close() lets unsent bytes drain before drop
 MAX_OUTSTANDING = 128
 # A write that cannot drain in this time means the peer stopped reading: the connection is closed.
 WRITE_TIMEOUT = 10.0
+# Immediate answers (refused requests) waiting to be written: past this the peer is sending
+# requests much faster than it reads the answers, and the connection is closed.
+MAX_IMMEDIATE_BYTES = 4 << 20
 
 
 class _LogLimiter:
@@ -100,6 +103,8 @@ class Connection:
         self._closed = asyncio.Event()
         self.close_reason: str | None = None
         self._noisy = _LogLimiter()
+        self._immediate = bytearray()  # answers that need no handler, written by one flusher task
+        self._flushing = False
 
     @property
     def closed(self) -> bool:
@@ -149,7 +154,7 @@ class Connection:
 
     def _receive(self, data: bytes) -> None:
         session = self._session
-        immediate: list[bytes] = []  # answers that need no handler, written in one piece
+        immediate = self._immediate
         for event in session.receive_data(data):
             if isinstance(event, RequestReceived):
                 if len(self._tasks) < MAX_OUTSTANDING:
@@ -157,10 +162,10 @@ class Connection:
                     continue
                 self._warn("too many outstanding requests; refusing %s", event.method)
                 text = f"more than {MAX_OUTSTANDING} outstanding requests"
-                immediate.append(session.send_error(event.stream_id, Code.RESOURCE_EXHAUSTED, text))
+                immediate += session.send_error(event.stream_id, Code.RESOURCE_EXHAUSTED, text)
             elif isinstance(event, RequestRejected):
                 self._warn("rejected request on stream %d: %s", event.stream_id, event.message)
-                immediate.append(session.send_error(event.stream_id, event.code, event.message))
+                immediate += session.send_error(event.stream_id, event.code, event.message)
             elif isinstance(event, ResponseReceived):
                 fut = self._calls.pop(event.stream_id, None)
                 if fut is not None and not fut.done():
@@ -168,8 +173,24 @@ class Connection:
             elif isinstance(event, FrameDropped) and self._noisy.allow(time.monotonic()):
                 self._log.debug("nri connection: dropped frame for unknown mux connection %d", event.conn_id)
             # MessageIgnored: an answer to nothing we await (e.g. a call we gave up on): dropped
-        if immediate and len(self._tasks) < MAX_OUTSTANDING:
-            self._spawn(self._send(b"".join(immediate)))
+        if len(immediate) > MAX_IMMEDIATE_BYTES:
+            raise ProtocolError(
+                f"the peer sent requests much faster than it reads the answers ({len(immediate)} bytes "
+                "of refusals unsent)"
+            )
+        if immediate and not self._flushing:
+            self._flushing = True
+            self._spawn(self._flush_immediate())
+
+    async def _flush_immediate(self) -> None:
+        """Write the queued immediate answers (one task, however many arrive meanwhile)."""
+        try:
+            while self._immediate:
+                data = bytes(self._immediate)
+                self._immediate.clear()
+                await self._send(data)
+        finally:
+            self._flushing = False
 
     def _warn(self, fmt: str, *args: object) -> None:
         if self._noisy.allow(time.monotonic()):

@@ -12,7 +12,6 @@ failed request handler must not end the connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -60,6 +59,5 @@ class TaskScope:
         current = asyncio.current_task()
         self.cancel_all(keep=current)
         pending = [t for t in self._tasks if t is not current]
-        if pending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*pending, return_exceptions=True)
+        if pending:  # their own cancellations are results; a cancel of the caller propagates
+            await asyncio.gather(*pending, return_exceptions=True)

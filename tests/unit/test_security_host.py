@@ -42,7 +42,10 @@ USER = 1000
 
 
 def _host(tmp_path: Path, **kwargs: object) -> FakeHost:
-    return build_fake_host(tmp_path / "root", gpus=make_gpus(1), **kwargs)  # type: ignore[arg-type]
+    """A fake host whose directories look installed a minute ago (see ``_settle``)."""
+    host = build_fake_host(tmp_path / "root", gpus=make_gpus(1), **kwargs)  # type: ignore[arg-type]
+    _settle(host)
+    return host
 
 
 def _snap(host: FakeHost, **kwargs: object) -> DriverSnapshot:
@@ -189,13 +192,12 @@ def test_every_mount_source_is_pinned(tmp_path: Path) -> None:
     checked = {c.path: c for c in chosen.checks}
     assert len(checked) == len(chosen.checks)  # shared directories are checked once
     for mount in chosen.adjustment.mounts:
-        if mount.options == IPC_BIND_OPTIONS:  # IPC entries: the entry itself, with its ctime
-            assert checked[mount.source].stamp_ns, mount
-        else:  # driver files: through their directory, with its mtime
+        if mount.options == IPC_BIND_OPTIONS:  # IPC entries: the entry itself, inode and type only
+            assert checked[mount.source].stamp_ns == 0, mount
+        else:  # driver files: through their directory, with its ctime
             assert checked[os.path.dirname(mount.source)].stamp_ns, mount
     # the directories on the way are not re-checked on the hot path (see hot_path_checks), but
     # they are pinned, and the watch loop checks them
-    assert all(c.stamp_ns for c in chosen.checks)
     chains = [snap.pins[m.source] for m in chosen.adjustment.mounts]
     assert all(chain[0].path == str(host.root) and chain[0].follow for chain in chains)
     # ~55 driver files and 3 IPC entries: lib64, lib32, bin, firmware directories + 3 entries
@@ -209,6 +211,7 @@ def _decide(snap: DriverSnapshot, caps: str = "utility,compute") -> None:
 
 def test_library_swapped_for_a_symlink_is_refused(tmp_path: Path) -> None:
     host = _host(tmp_path)
+    _settle(host)
     driver = HostDriver(host.roots, use_nvml=False)
     driver.refresh()
     snap = driver.snapshot()
@@ -451,9 +454,120 @@ def test_recently_changed_directory_pins_its_files_too(tmp_path: Path) -> None:
     """Coarse timestamps: a swap in the same tick as discovery must not go unseen."""
     host = _host(tmp_path)
     lib = host.path(f"{host.lib_dir}/libcuda.so.{host.driver_version}")
-    fresh = pin(str(host.root), str(lib), by_directory=True)
-    assert fresh[-1].path == str(lib) and fresh[-1].stamp_ns  # the directory was just built
-    old = time.time() - 60
-    os.utime(lib.parent, (old, old))
     settled = pin(str(host.root), str(lib), by_directory=True)
     assert settled[-1].path == str(lib.parent) and settled[-1].stamp_ns
+    (lib.parent / "new-entry").write_text("x")  # the directory changes just now
+    fresh = pin(str(host.root), str(lib), by_directory=True)
+    assert fresh[-1].path == str(lib) and fresh[-1].stamp_ns and fresh[-2].path == str(lib.parent)
+
+
+# --- regressions found by the independent review ----------------------------------------------
+
+
+def test_restoring_the_directory_mtime_does_not_hide_a_swap(tmp_path: Path) -> None:
+    """A root attacker can set a directory's mtime back with utimensat; its ctime moves anyway."""
+    host = _host(tmp_path)
+    _settle(host)
+    snap = _snap(host)
+    lib = host.path(f"{host.lib_dir}/libcuda.so.{host.driver_version}")
+    before = os.stat(lib.parent)
+    lib.rename(lib.with_name("moved"))
+    lib.symlink_to("/etc/shadow")
+    os.utime(lib.parent, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(lib.parent).st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(DriverChangedError, match="entries were added, removed or replaced"):
+        _decide(snap)
+
+
+def test_containers_writing_to_ipc_entries_do_not_fail_gpu_containers(tmp_path: Path) -> None:
+    """IPC entries are mounted read-write: a container touching the socket or creating files in the
+    MPS directory changes their times, which must not look like a swapped driver."""
+    host = _host(tmp_path)
+    _settle(host)
+    snap = _snap(host)
+    os.utime(host.path("/run/nvidia-persistenced/socket"))
+    os.chmod(host.path("/run/nvidia-persistenced/socket"), 0o600)
+    (host.path("/tmp/nvidia-mps") / "control").write_text("pipe")
+    _decide(snap)  # no DriverChangedError
+    # ... while swapping the entry for a symlink still is caught (type and inode are compared)
+    sock = host.path("/run/nvidia-persistenced/socket")
+    sock.unlink()
+    sock.symlink_to("/etc")
+    with pytest.raises(DriverChangedError, match="socket is now a symlink, was a socket"):
+        _decide(snap)
+
+
+def test_a_source_that_could_not_be_pinned_triggers_rediscovery(tmp_path: Path) -> None:
+    """Removed between being found and being pinned (an upgrade): not an 'internal error'."""
+    import importlib
+
+    discover_mod = importlib.import_module("nri_plugin.host.discover")  # the module, not the function
+    host = _host(tmp_path)
+    firmware = next(iter(host.path("/lib/firmware/nvidia").rglob("*.bin")))
+    real_pin = discover_mod.pin
+
+    def racing_pin(root: str, host_path: str, *, by_directory: bool = False) -> object:
+        if host_path == str(firmware):
+            raise discover_mod.HostDiscoveryError(f"cannot pin mount source {host_path!r}: gone")
+        return real_pin(root, host_path, by_directory=by_directory)
+
+    discover_mod.pin = racing_pin  # type: ignore[assignment]
+    try:
+        snap = _snap(host)
+    finally:
+        discover_mod.pin = real_pin
+    assert str(firmware) in snap.pin_errors
+    with pytest.raises(DriverChangedError, match="gone"):
+        _decide(snap)
+    driver = HostDriver(host.roots, use_nvml=False, discover_fn=lambda roots, **kw: snap)
+    driver.refresh()
+    assert driver.snapshot() is snap
+    assert driver.changed()  # the watch loop retries such a snapshot
+
+
+def test_rejected_candidates_are_bounded(tmp_path: Path) -> None:
+    from nri_plugin.host.discover import MAX_REJECTED, select_libraries
+    from nri_plugin.host.ldcache import LdCacheEntry
+
+    entries = [
+        LdCacheEntry(f"libcuda.so.{i}", f"/nope/libcuda.so.{i}", 0x0303, True, "x86-64")
+        for i in range(10_000)
+    ]
+    rejected: list[str] = []
+    select_libraries(entries, str(tmp_path), "x86-64", "550.54.14", rejected=rejected)
+    assert len(rejected) == MAX_REJECTED
+
+
+def test_synchronize_right_after_start_reports_once_discovery_is_done(tmp_path: Path) -> None:
+    """Registration does not wait for discovery, so the first Synchronize may come before it."""
+    host = _host(tmp_path)
+    release = threading.Event()
+
+    def slow_discover(roots: object, **kwargs: object) -> DriverSnapshot | None:
+        release.wait(10)
+        return discover(host.roots, use_nvml=False)
+
+    plugin = _plugin(host, discover=False)
+    plugin.driver = HostDriver(host.roots, discover_fn=slow_discover)
+    seen: list[int] = []
+
+    class Counting(NullMetrics):
+        def unadjusted(self, count: int) -> None:
+            seen.append(count)
+
+    plugin.metrics = Counting()
+    missed = api.Container(id="c-missed", pod_sandbox_id="p1", env=["NVIDIA_VISIBLE_DEVICES=0"])
+
+    async def scenario() -> None:
+        await plugin.discover(budget=0.05)
+        assert await plugin.synchronize([api.PodSandbox(id="p1")], [missed]) == []
+        assert seen == []  # deferred, not "0 found"
+        release.set()
+        for _ in range(300):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        await plugin.close()
+
+    asyncio.run(scenario())
+    assert seen == [1]
