@@ -77,6 +77,10 @@ HANDLER_MS_RE = re.compile(r'msg="GPU container adjusted".*\bms=([0-9.]+)')
 # --- statistics ----------------------------------------------------------------------------------
 
 
+def _no_verify(checks: object, unpinned: object, pin_errors: object = None) -> None:
+    """verify_plan switched off, for the interleaved cost comparison."""
+
+
 def quantile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated quantile (q in [0, 1]) of a non-empty sample."""
     xs = sorted(values)
@@ -302,7 +306,7 @@ class Bench:
             without: list[float] = []
             for _ in range(n):
                 with_pins.append(await once(gpu, False))
-                pipeline.verify_plan = lambda checks, unpinned: None
+                pipeline.verify_plan = _no_verify
                 try:
                     without.append(await once(gpu, False))
                 finally:

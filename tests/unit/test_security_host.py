@@ -25,7 +25,7 @@ from nri_plugin import logs
 from nri_plugin.adjust.build import build_adjustment, plan
 from nri_plugin.adjust.model import IPC_BIND_OPTIONS
 from nri_plugin.adjust.pipeline import decide
-from nri_plugin.errors import ContainerError, DiscoveryPendingError, DriverChangedError
+from nri_plugin.errors import ContainerError, DiscoveryPendingError, DriverChangedError, HostDiscoveryError
 from nri_plugin.host.discover import discover
 from nri_plugin.host.driver import HostDriver
 from nri_plugin.host.model import DriverSnapshot, IpcPath
@@ -497,25 +497,25 @@ def test_containers_writing_to_ipc_entries_do_not_fail_gpu_containers(tmp_path: 
         _decide(snap)
 
 
-def test_a_source_that_could_not_be_pinned_triggers_rediscovery(tmp_path: Path) -> None:
+def test_a_source_that_could_not_be_pinned_triggers_rediscovery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Removed between being found and being pinned (an upgrade): not an 'internal error'."""
     import importlib
 
     discover_mod = importlib.import_module("nri_plugin.host.discover")  # the module, not the function
     host = _host(tmp_path)
     firmware = next(iter(host.path("/lib/firmware/nvidia").rglob("*.bin")))
-    real_pin = discover_mod.pin
+    from nri_plugin.host.pin import pin as real_pin
 
     def racing_pin(root: str, host_path: str, *, by_directory: bool = False) -> object:
         if host_path == str(firmware):
-            raise discover_mod.HostDiscoveryError(f"cannot pin mount source {host_path!r}: gone")
+            raise HostDiscoveryError(f"cannot pin mount source {host_path!r}: gone")
         return real_pin(root, host_path, by_directory=by_directory)
 
-    discover_mod.pin = racing_pin  # type: ignore[assignment]
-    try:
-        snap = _snap(host)
-    finally:
-        discover_mod.pin = real_pin
+    monkeypatch.setattr(discover_mod, "pin", racing_pin)
+    snap = _snap(host)
+    monkeypatch.undo()
     assert str(firmware) in snap.pin_errors
     with pytest.raises(DriverChangedError, match="gone"):
         _decide(snap)
