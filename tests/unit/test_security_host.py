@@ -385,8 +385,8 @@ def test_nvml_helper_ignores_cwd_and_environment(tmp_path: Path, monkeypatch: py
 # --- registration does not wait for discovery -------------------------------------------------
 
 
-def test_gpu_container_fails_while_discovery_is_pending(tmp_path: Path) -> None:
-    host = _host(tmp_path)
+def _plugin_with_slow_discovery(host: FakeHost) -> tuple[GpuPlugin, threading.Event]:
+    """A plugin whose first discovery blocks until the returned event is set."""
     release = threading.Event()
 
     def slow_discover(roots: object, **kwargs: object) -> DriverSnapshot | None:
@@ -395,6 +395,22 @@ def test_gpu_container_fails_while_discovery_is_pending(tmp_path: Path) -> None:
 
     plugin = _plugin(host, discover=False)
     plugin.driver = HostDriver(host.roots, discover_fn=slow_discover)
+    return plugin, release
+
+
+class _CountingMetrics(NullMetrics):
+    """Records every value of the unadjusted-containers gauge."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def unadjusted(self, count: int) -> None:
+        self.seen.append(count)
+
+
+def test_gpu_container_fails_while_discovery_is_pending(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    plugin, release = _plugin_with_slow_discovery(host)
 
     async def scenario() -> None:
         await plugin.discover(budget=0.05)  # returns: discovery goes on in the background
@@ -422,13 +438,9 @@ def test_gpu_container_fails_while_discovery_is_pending(tmp_path: Path) -> None:
 def test_synchronize_reports_gpu_containers_without_gpus(tmp_path: Path) -> None:
     host = _host(tmp_path)
     plugin = _plugin(host)
-    seen: list[int] = []
-
-    class Counting(NullMetrics):
-        def unadjusted(self, count: int) -> None:
-            seen.append(count)
-
-    plugin.metrics = Counting()
+    metrics = _CountingMetrics()
+    plugin.metrics = metrics
+    seen = metrics.seen
     pod = api.PodSandbox(id="p1", name="trainer", namespace="ml")
     served = api.Container(id="c-ok", pod_sandbox_id="p1", name="ok", env=["NVIDIA_VISIBLE_DEVICES=0"])
     served.linux.devices.add(path="/dev/nvidiactl", type="c", major=195, minor=255)
@@ -541,21 +553,10 @@ def test_rejected_candidates_are_bounded(tmp_path: Path) -> None:
 def test_synchronize_right_after_start_reports_once_discovery_is_done(tmp_path: Path) -> None:
     """Registration does not wait for discovery, so the first Synchronize may come before it."""
     host = _host(tmp_path)
-    release = threading.Event()
-
-    def slow_discover(roots: object, **kwargs: object) -> DriverSnapshot | None:
-        release.wait(10)
-        return discover(host.roots, use_nvml=False)
-
-    plugin = _plugin(host, discover=False)
-    plugin.driver = HostDriver(host.roots, discover_fn=slow_discover)
-    seen: list[int] = []
-
-    class Counting(NullMetrics):
-        def unadjusted(self, count: int) -> None:
-            seen.append(count)
-
-    plugin.metrics = Counting()
+    plugin, release = _plugin_with_slow_discovery(host)
+    metrics = _CountingMetrics()
+    plugin.metrics = metrics
+    seen = metrics.seen
     missed = api.Container(id="c-missed", pod_sandbox_id="p1", env=["NVIDIA_VISIBLE_DEVICES=0"])
 
     async def scenario() -> None:
