@@ -22,6 +22,7 @@ from nri_plugin.errors import RequestError
 
 __all__ = [
     "DEFAULT_VALUE_LIMIT",
+    "DEVICE_LIST_LIMIT",
     "MAX_DEVICE_MOUNTS",
     "MAX_REQUIREMENT_TOTAL",
     "VALUE_LIMITS",
@@ -37,6 +38,7 @@ VALUE_LIMITS: Mapping[str, int] = MappingProxyType(
         "NVIDIA_VISIBLE_DEVICES": DEVICE_LIST_LIMIT,
         "NVIDIA_MIG_CONFIG_DEVICES": DEVICE_LIST_LIMIT,
         "NVIDIA_MIG_MONITOR_DEVICES": DEVICE_LIST_LIMIT,
+        "NVIDIA_IMEX_CHANNELS": DEVICE_LIST_LIMIT,
         "NVIDIA_DRIVER_CAPABILITIES": 1024,  # "all" spelt out is 52 bytes
         "CUDA_VERSION": 256,  # "12.4.1"
         "NVIDIA_DISABLE_REQUIRE": 256,  # "true"

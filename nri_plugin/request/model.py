@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nri_plugin.request.devices import parse_device_list
+
 # The seed's constants (reference/seed/container_config.go).
 ALL_DRIVER_CAPABILITIES = "compute,compat32,graphics,utility,video,display,ngx"
 DEFAULT_DRIVER_CAPABILITIES = "utility,compute"
@@ -44,6 +46,12 @@ class HookConfig:
     supported_driver_capabilities: str = DEFAULT_SUPPORTED_DRIVER_CAPABILITIES
     # disable-require: forces NVIDIA_DISABLE_REQUIRE=true
     disable_require: bool = False
+    # [nri-plugin] keys of this plugin that steer the request model (not the toolkit's):
+    # accept-cdi-annotations: read nvidia.com/gpu CDI names from cdi.k8s.io/* container annotations
+    accept_cdi_annotations: bool = False
+    # fail-unprivileged-envvar-requests: the seed's behaviour when accept_envvar_unprivileged is
+    # false (fail the container) instead of the current toolkit's (no GPUs, a warning)
+    fail_unprivileged_envvar: bool = False
     # Derived once: the "NAME=" prefixes of the variables that can make a container a GPU container
     # (the fast path of adjust.pipeline checks every env entry against them).
     trigger_prefixes: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -51,6 +59,16 @@ class HookConfig:
     def __post_init__(self) -> None:
         names = ("NVIDIA_VISIBLE_DEVICES", "CUDA_VERSION", *split_list(self.swarm_resource))
         object.__setattr__(self, "trigger_prefixes", tuple(f"{name}=" for name in names))
+
+
+CDI_ANNOTATION_PREFIX = "cdi.k8s.io/"
+# The driver features a GPU container can switch on with NAME=enabled (the toolkit's gated modes).
+FEATURE_VARIABLES: tuple[tuple[str, str], ...] = (
+    ("NVIDIA_GDS", "gds"),
+    ("NVIDIA_MOFED", "mofed"),
+    ("NVIDIA_GDRCOPY", "gdrcopy"),
+    ("NVIDIA_NVSWITCH", "nvswitch"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,22 +81,40 @@ class GpuRequest:
     driver_capabilities: str  # resolved comma list, e.g. "utility,compute"
     requirements: tuple[str, ...]  # one entry per NVIDIA_REQUIRE_* value (+ legacy cuda>=X.Y), sorted
     disable_require: bool
+    # Beyond the seed (newer request forms; defaults = the seed's request):
+    imex_channels: tuple[str, ...] = ()  # NVIDIA_IMEX_CHANNELS / imex volume mounts: numbers or "all"
+    features: frozenset[str] = frozenset()  # gated driver features asked for: gds, mofed, gdrcopy, nvswitch
+    # Where the device list came from, e.g. "NVIDIA_VISIBLE_DEVICES" (for messages only).
+    devices_source: str = field(default="NVIDIA_VISIBLE_DEVICES", compare=False)
+    # The variable each requirement came from (parallel to ``requirements``; for messages only).
+    requirement_sources: tuple[str, ...] = field(default=(), compare=False)
 
     # Parsed once, when the request is made (the layers below never re-split the strings):
     device_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
-    """Device ids as the CLI sees them: comma-split, trimmed, empty elements dropped."""
+    """Device ids as the CLI sees them: comma-split, trimmed, empty elements dropped, CDI names
+    of ``nvidia.com/gpu`` unwrapped to the id they name."""
     all_devices: bool = field(init=False, repr=False, compare=False)
     """Some element of the device list is ``all`` (any case)."""
+    management: bool = field(init=False, repr=False, compare=False)
+    """``management.nvidia.com/gpu=all``: every NVIDIA device node of the node."""
+    imex_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    """IMEX channels asked for, from ``imex_channels`` and ``nvidia.com/imex-channel`` names."""
+    foreign_devices: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    """CDI names of kinds this plugin does not own: left alone."""
     capabilities: frozenset[str] = field(init=False, repr=False, compare=False)
     """The set of requested driver capabilities."""
     mig_config_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
     mig_monitor_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        ids = split_list(self.devices)
+        parsed = parse_device_list(split_list(self.devices), self.devices_source)
+        ids = parsed.ids
         derived = {
             "device_ids": ids,
             "all_devices": any(i.lower() == "all" for i in ids),
+            "management": parsed.management,
+            "imex_ids": tuple(dict.fromkeys((*self.imex_channels, *parsed.imex_channels))),
+            "foreign_devices": parsed.foreign,
             "capabilities": frozenset(split_list(self.driver_capabilities)),
             "mig_config_ids": tuple(e for e in self.mig_config_devices.split(",") if e),
             "mig_monitor_ids": tuple(e for e in self.mig_monitor_devices.split(",") if e),

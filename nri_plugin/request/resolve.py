@@ -21,6 +21,18 @@ escape.  The deliberate deviations, each tested as ``test_deviation_<n>_…``:
    current toolkit does; ``all`` (and the legacy default) resolve to the supported set.
 5. Every variable read has a size limit (``request.limits``), checked when it is read and before
    it is parsed, so that one container cannot keep the handler busy past containerd's timeout.
+6. With ``accept-nvidia-visible-devices-envvar-when-unprivileged = false``, an unprivileged
+   container whose environment asks for GPUs gets **no GPUs and a warning**, as the current
+   toolkit does; the seed failed it ("insufficient privileges ..."), so every CPU-only pod built
+   from a CUDA base image (which sets ``NVIDIA_VISIBLE_DEVICES=all``) failed to start in the secure
+   setup the toolkit documents. The seed's behaviour is the plugin key
+   ``fail-unprivileged-envvar-requests = true``.
+
+Beyond the seed (newer request forms, each with its own tests): CDI device names in any device
+list (``request.devices``), ``cdi.k8s.io/*`` container annotations (key ``accept-cdi-annotations``,
+read before the volume mounts and the environment, as the toolkit's CDI mode does), the device
+plugin's ``cdi/`` and ``imex/`` volume mounts, ``NVIDIA_IMEX_CHANNELS`` (same privilege rule as the
+device list) and the gated features ``NVIDIA_GDS``/``_MOFED``/``_GDRCOPY``/``_NVSWITCH=enabled``.
 
 Requirements are returned sorted (by variable name, the legacy ``cuda>=X.Y`` last) because the
 seed's map iteration order is random.
@@ -30,18 +42,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from nri_plugin.errors import RequestError
+from nri_plugin.request.devices import parse_device_list, parse_imex_channel
 from nri_plugin.request.limits import (
+    DEVICE_LIST_LIMIT,
     MAX_DEVICE_MOUNTS,
     MAX_REQUIREMENT_TOTAL,
     PATH_LIMIT,
     checked,
+    shorten,
 )
 from nri_plugin.request.model import (
     ALL_DRIVER_CAPABILITIES,
+    CDI_ANNOTATION_PREFIX,
     DEFAULT_DRIVER_CAPABILITIES,
     DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT,
+    FEATURE_VARIABLES,
     GpuRequest,
     HookConfig,
     Mount,
@@ -52,6 +70,7 @@ __all__ = [
     "ENV_CUDA_VERSION",
     "ENV_DISABLE_REQUIRE",
     "ENV_DRIVER_CAPABILITIES",
+    "ENV_IMEX_CHANNELS",
     "ENV_MIG_CONFIG_DEVICES",
     "ENV_MIG_MONITOR_DEVICES",
     "ENV_REQUIRE_CUDA",
@@ -74,6 +93,7 @@ ENV_VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
 ENV_MIG_CONFIG_DEVICES = "NVIDIA_MIG_CONFIG_DEVICES"
 ENV_MIG_MONITOR_DEVICES = "NVIDIA_MIG_MONITOR_DEVICES"
 ENV_DRIVER_CAPABILITIES = "NVIDIA_DRIVER_CAPABILITIES"
+ENV_IMEX_CHANNELS = "NVIDIA_IMEX_CHANNELS"
 
 _ALL = "all"
 _ALL_CAPS_ORDER: tuple[str, ...] = tuple(ALL_DRIVER_CAPABILITIES.split(","))
@@ -303,27 +323,48 @@ def _is_legacy_image(env: Mapping[str, str]) -> bool:
     return len(env.get(ENV_CUDA_VERSION, "")) > 0 and len(env.get(ENV_REQUIRE_CUDA, "")) == 0
 
 
-def _devices_from_envvar(env: Mapping[str, str], legacy: bool, config: HookConfig) -> str | None:
+def _devices_from_envvar(env: Mapping[str, str], legacy: bool, config: HookConfig) -> tuple[str, str] | None:
+    """The device list from the environment and the variable it came from."""
     devices: str | None = None
+    source = ENV_VISIBLE_DEVICES
     for name in (*split_list(config.swarm_resource), ENV_VISIBLE_DEVICES):
         value = checked(env, name)
         if value is not None:  # Deviation 1: the first present variable wins
-            devices = value
+            devices, source = value, name
             break
     if devices is None and legacy:
-        return "all"
+        return "all", f"{ENV_CUDA_VERSION} (a legacy CUDA image: all GPUs)"
     if devices is None or devices == "" or devices == "void":
         return None
     if devices == "none":
-        return ""
-    return devices
+        return "", source
+    return devices, source
 
 
 _VOLUME_ROOT = go_clean_path(DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT)
+VOLUME_MOUNTS_SOURCE = f"the device-list mounts under {DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT}"
 
 
-def _devices_from_mounts(mounts: Sequence[Mount]) -> str | None:
+def _mount_device(rest: str) -> tuple[str, str] | None:
+    """What one mount below the device-list root asks for: ("device", id or CDI name) or
+    ("imex", channel); the device plugin's ``cdi/<vendor>/<class>=<name>`` (or
+    ``cdi/<vendor>/<class>/<name>``) and ``imex/<channel>`` forms included."""
+    if rest.startswith("cdi/"):
+        parts = rest[4:].split("/")
+        if len(parts) == 2 and "=" in parts[1]:
+            return "device", f"{parts[0]}/{parts[1]}"
+        if len(parts) == 3:
+            return "device", f"{parts[0]}/{parts[1]}={parts[2]}"
+        return "device", rest  # device selection reports it as unknown
+    if rest.startswith("imex/") and rest[5:]:
+        return "imex", parse_imex_channel(rest[5:], VOLUME_MOUNTS_SOURCE)
+    return "device", rest
+
+
+def _devices_from_mounts(mounts: Sequence[Mount]) -> tuple[str | None, tuple[str, ...]]:
+    """The device list (or ``None``) and the IMEX channels that the volume mounts ask for."""
     devices: list[str] = []
+    imex: list[str] = []
     for mount in mounts:
         if len(mount.source) > PATH_LIMIT or len(mount.destination) > PATH_LIMIT:
             continue  # not a path the kernel could mount, hence not a device request
@@ -338,30 +379,74 @@ def _devices_from_mounts(mounts: Sequence[Mount]) -> str | None:
         device = device[1:]
         if not device:
             continue
-        devices.append(device)
-        if len(devices) > MAX_DEVICE_MOUNTS:
+        kind, value = _mount_device(device)
+        (imex if kind == "imex" else devices).append(value)
+        if len(devices) + len(imex) > MAX_DEVICE_MOUNTS:
             raise RequestError(
                 f"more than {MAX_DEVICE_MOUNTS} device-list mounts under {DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT} "
                 "(the NVIDIA NRI plugin's limit); request at most one mount per device, or 'all'"
             )
-    if not devices:
+    return (",".join(devices) if devices else None), tuple(imex)
+
+
+def _devices_from_annotations(annotations: Mapping[str, str]) -> str | None:
+    """``cdi.k8s.io/*`` annotations (keys sorted, values comma lists), when one names a device
+    this plugin owns; ``None`` otherwise (the other sources are read then)."""
+    names: list[str] = []
+    for key in sorted(k for k in annotations if k.startswith(CDI_ANNOTATION_PREFIX)):
+        value = annotations[key]
+        if len(value) > DEVICE_LIST_LIMIT:
+            raise RequestError(
+                f"annotation {key}={shorten(value)}: {len(value)} characters, over the NVIDIA NRI "
+                f"plugin's limit of {DEVICE_LIST_LIMIT} for a device list; fix the pod spec"
+            )
+        names.extend(split_list(value))
+    if not names or not parse_device_list(names, "cdi.k8s.io annotations").ours:
         return None
-    return ",".join(devices)
+    return ",".join(names)
+
+
+@dataclass(frozen=True, slots=True)
+class _Devices:
+    devices: str  # "" = none
+    source: str
+    imex: tuple[str, ...] = ()
+    from_env: bool = False
 
 
 def _devices(
-    config: HookConfig, env: Mapping[str, str], mounts: Sequence[Mount], privileged: bool, legacy: bool
-) -> str | None:
+    config: HookConfig,
+    env: Mapping[str, str],
+    mounts: Sequence[Mount],
+    annotations: Mapping[str, str],
+    legacy: bool,
+) -> _Devices | None:
+    """Where the device list comes from, in the toolkit's order: CDI annotations (when enabled),
+    volume mounts (when enabled), then the environment."""
+    if config.accept_cdi_annotations:
+        from_annotations = _devices_from_annotations(annotations)
+        if from_annotations is not None:
+            return _Devices(from_annotations, "cdi.k8s.io annotations")
+    imex: tuple[str, ...] = ()
     if config.accept_volume_mounts:
-        from_mounts = _devices_from_mounts(mounts)
+        from_mounts, imex = _devices_from_mounts(mounts)
         if from_mounts is not None:
-            return from_mounts
-    devices = _devices_from_envvar(env, legacy, config)
-    if devices is None:
+            return _Devices(from_mounts, VOLUME_MOUNTS_SOURCE, imex)
+    found = _devices_from_envvar(env, legacy, config)
+    if found is None:
         return None
-    if privileged or config.accept_envvar_unprivileged:
-        return devices
-    raise RequestError("insufficient privileges to read device list from NVIDIA_VISIBLE_DEVICES envvar")
+    return _Devices(found[0], found[1], imex, from_env=True)
+
+
+def _imex_from_env(env: Mapping[str, str]) -> tuple[str, ...]:
+    value = checked(env, ENV_IMEX_CHANNELS)
+    if not value:
+        return ()
+    return tuple(parse_imex_channel(e, f"{ENV_IMEX_CHANNELS}={shorten(value)}") for e in split_list(value))
+
+
+def _features(env: Mapping[str, str]) -> frozenset[str]:
+    return frozenset(feature for name, feature in FEATURE_VARIABLES if env.get(name) == "enabled")
 
 
 def _driver_capabilities(env: Mapping[str, str], legacy: bool, config: HookConfig) -> str:
@@ -398,7 +483,8 @@ def _driver_capabilities(env: Mapping[str, str], legacy: bool, config: HookConfi
     return requested
 
 
-def _requirements(env: Mapping[str, str], legacy: bool) -> tuple[str, ...]:
+def _requirements(env: Mapping[str, str], legacy: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The requirement values and, parallel to them, the variable each came from."""
     names = sorted(name for name in env if name.startswith(ENV_REQUIRE_PREFIX))
     requirements = [checked(env, name) or "" for name in names]
     total = sum(map(len, requirements))
@@ -408,10 +494,12 @@ def _requirements(env: Mapping[str, str], legacy: bool) -> tuple[str, ...]:
             f"characters long together, over the NVIDIA NRI plugin's limit of {MAX_REQUIREMENT_TOTAL}; "
             "no real image needs that much: fix the image or pod spec that sets them"
         )
+    sources = list(names)
     if legacy:
         major, minor, _ = parse_cuda_version(checked(env, ENV_CUDA_VERSION) or "")
         requirements.append(f"cuda>={major}.{minor}")
-    return tuple(requirements)
+        sources.append(f"{ENV_CUDA_VERSION} (legacy image)")
+    return tuple(requirements), tuple(sources)
 
 
 def resolve_request(
@@ -419,18 +507,43 @@ def resolve_request(
     mounts: Sequence[Mount],
     privileged: bool,
     config: HookConfig = HookConfig(),  # noqa: B008 - frozen, hence safe as a default
+    *,
+    annotations: Mapping[str, str] | None = None,
+    notes: list[str] | None = None,
 ) -> GpuRequest | None:
     """The seed's ``getNvidiaConfig`` on an environment list: ``None`` for a non-GPU container.
 
     Checks run in the seed's order — devices, MIG config, MIG monitor, capabilities,
-    requirements — and the first failing one raises :class:`RequestError`.
+    requirements — and the first failing one raises :class:`RequestError`. ``annotations`` are
+    the container's (read only with ``accept_cdi_annotations``). Warnings about requests that are
+    ignored (an unprivileged env request under ``accept_envvar_unprivileged = false``, CDI names of
+    other kinds) are appended to ``notes``.
     """
     variables = env_map(env)
     legacy = _is_legacy_image(variables)
 
-    devices = _devices(config, variables, mounts, privileged, legacy)
-    if devices is None:
+    found = _devices(config, variables, mounts, annotations or {}, legacy)
+    if found is None:
         return None
+    if found.from_env and not privileged and not config.accept_envvar_unprivileged:
+        if config.fail_unprivileged_envvar:  # the seed's behaviour (and text), kept behind a key
+            raise RequestError(
+                "insufficient privileges to read device list from NVIDIA_VISIBLE_DEVICES envvar"
+            )
+        if notes is not None:  # Deviation 6: the current toolkit ignores the request
+            notes.append(
+                f"ignoring the GPU request of an unprivileged container in {found.source}: "
+                "accept-nvidia-visible-devices-envvar-when-unprivileged = false on this node, so the "
+                "container gets no GPUs; request GPUs through the device plugin (volume mounts or "
+                "CDI) instead"
+            )
+        return None
+    devices = found.devices
+    # IMEX channels: from the volume mounts when there are any, else from the environment (under
+    # the same privilege rule as the device list).
+    imex = found.imex
+    if not imex and (privileged or config.accept_envvar_unprivileged):
+        imex = _imex_from_env(variables)
 
     mig_config = checked(variables, ENV_MIG_CONFIG_DEVICES) or ""
     if not privileged and mig_config != "":
@@ -441,16 +554,26 @@ def resolve_request(
         raise RequestError("cannot set MIG_MONITOR_DEVICES in non privileged container")
 
     capabilities = _driver_capabilities(variables, legacy, config)
-    requirements = _requirements(variables, legacy)
+    requirements, sources = _requirements(variables, legacy)
     disable_require = (
         bool(parse_go_bool(checked(variables, ENV_DISABLE_REQUIRE) or "")) or config.disable_require
     )
 
-    return GpuRequest(
+    request = GpuRequest(
         devices=devices,
         mig_config_devices=mig_config,
         mig_monitor_devices=mig_monitor,
         driver_capabilities=capabilities,
         requirements=requirements,
         disable_require=disable_require,
+        imex_channels=imex,
+        features=_features(variables),
+        devices_source=found.source,
+        requirement_sources=sources,
     )
+    if request.foreign_devices and notes is not None:
+        shown = ", ".join(request.foreign_devices[:4])
+        notes.append(f"{found.source}: leaving CDI devices of other kinds to the runtime: {shown}")
+    if devices and not (request.device_ids or request.management or request.imex_ids):
+        return None  # only names of kinds we do not own: not our container
+    return request

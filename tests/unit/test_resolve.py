@@ -28,9 +28,12 @@ from nri_plugin.request.resolve import (
 )
 
 ROOT = "/var/run/nvidia-container-devices"
-PRIV = HookConfig(accept_envvar_unprivileged=False)
+# The seed's behaviour for unprivileged env requests is behind fail_unprivileged_envvar (deviation 6).
+PRIV = HookConfig(accept_envvar_unprivileged=False, fail_unprivileged_envvar=True)
 VOL = HookConfig(accept_volume_mounts=True)
-VOL_STRICT = HookConfig(accept_volume_mounts=True, accept_envvar_unprivileged=False)
+VOL_STRICT = HookConfig(
+    accept_volume_mounts=True, accept_envvar_unprivileged=False, fail_unprivileged_envvar=True
+)
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,8 @@ SEED_BRANCHES: dict[str, Case] = {
     "mounts_keep_subpaths": Case(
         [],
         config=VOL,
-        mounts=[Mount("/dev/null", ROOT + "/cdi/nvidia.com/gpu/0")],
-        devices="cdi/nvidia.com/gpu/0",
+        mounts=[Mount("/dev/null", ROOT + "/some/sub/path")],
+        devices="some/sub/path",  # (the device plugin's cdi/ and imex/ forms: test_request_forms.py)
     ),
     "mounts_take_precedence_over_envvar": Case(
         ["NVIDIA_VISIBLE_DEVICES=all"], config=VOL, mounts=[Mount("/dev/null", ROOT + "/3")], devices="3"
@@ -341,7 +344,9 @@ def test_deviation_1_first_present_of_several_swarm_variables_wins() -> None:
 
 
 def test_deviation_1_swarm_variable_subject_to_privilege_check() -> None:
-    config = HookConfig(swarm_resource="DOCKER_RESOURCE_GPU", accept_envvar_unprivileged=False)
+    config = HookConfig(
+        swarm_resource="DOCKER_RESOURCE_GPU", accept_envvar_unprivileged=False, fail_unprivileged_envvar=True
+    )
     with pytest.raises(RequestError, match="insufficient privileges"):
         resolve_request(["DOCKER_RESOURCE_GPU=1"], [], False, config)
 
