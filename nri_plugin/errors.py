@@ -35,11 +35,18 @@ class RequestError(ContainerError):
 
 
 class RequirementError(ContainerError):
-    """An ``NVIDIA_REQUIRE_*`` expression is invalid or not met by the host."""
+    """An ``NVIDIA_REQUIRE_*`` expression is invalid or not met by the host. ``index``: which of
+    the checked requirements failed (``None`` when not one in particular), ``unmet``: whether it
+    is a condition the host does not meet (rather than an invalid expression)."""
+
+    index: int | None = None
+    unmet: bool = False
 
 
 class DeviceSelectionError(ContainerError):
-    """A requested device id does not name a device on this host."""
+    """A requested device id does not name a device on this host (``device_id``: which one)."""
+
+    device_id: str = ""
 
 
 class DriverNotFoundError(ContainerError):

@@ -21,7 +21,7 @@ from nri_plugin.config import Effect, Layer, Settings
 from nri_plugin.errors import ConfigError, ContainerError, DriverChangedError
 from nri_plugin.host import HostDriver
 from nri_plugin.notify import Notifier
-from nri_plugin.request import request_inputs
+from nri_plugin.request import container_annotations, device_paths, request_inputs
 from nri_plugin.wire import Plugin, api
 
 # How long a CreateContainer that found a changed driver waits for the rediscovery (containerd
@@ -245,6 +245,7 @@ class GpuPlugin(Plugin):
         t0 = time.perf_counter()
         try:
             env, mounts, privileged = request_inputs(container)
+            annotations, present = container_annotations(container), device_paths(container)
             driver = self.driver
             try:
                 decision = decide(
@@ -254,6 +255,8 @@ class GpuPlugin(Plugin):
                     self.settings.hook,
                     driver.snapshot(),
                     discovery_pending=driver.pending,
+                    annotations=annotations,
+                    device_paths=present,
                 )
             except DriverChangedError as changed:
                 # A mount source is not what discovery pinned: an in-place driver upgrade or a
@@ -263,7 +266,21 @@ class GpuPlugin(Plugin):
                 if not await driver.refresh_soon(REDISCOVER_BUDGET_S):
                     raise
                 self._log_snapshot("host driver rediscovered", (time.perf_counter() - t0) * 1000)
-                decision = decide(env, mounts, privileged, self.settings.hook, driver.snapshot())
+                decision = decide(
+                    env,
+                    mounts,
+                    privileged,
+                    self.settings.hook,
+                    driver.snapshot(),
+                    annotations=annotations,
+                    device_paths=present,
+                )
+            for warning in decision.warnings:
+                self.log.warning("GPU request: " + warning, **_who(pod, container))
+            if decision.left_alone:
+                self.metrics.skipped(time.perf_counter() - t0)
+                self.log.info("GPU container left alone", **_who(pod, container), reason=decision.left_alone)
+                return api.CreateContainerResponse()
             if decision.request is None:
                 self.metrics.skipped(time.perf_counter() - t0)
                 if self.log.enabled(logs.Level.DEBUG):
@@ -352,7 +369,14 @@ class GpuPlugin(Plugin):
                 continue  # adjusted by us, CDI or another injector
             try:
                 env, mounts, privileged = request_inputs(container)
-                decision = decide(env, mounts, privileged, self.settings.hook, snap)
+                decision = decide(
+                    env,
+                    mounts,
+                    privileged,
+                    self.settings.hook,
+                    snap,
+                    annotations=container_annotations(container),
+                )
             except ContainerError:
                 continue  # would have been refused; it did not ask for GPUs we could give
             except Exception as e:  # never let one odd container break the registration

@@ -80,8 +80,14 @@ from types import MappingProxyType
 
 from nri_plugin.adjust.model import IPC_BIND_OPTIONS, RO_BIND_OPTIONS, Adjustment, MountEdit
 from nri_plugin.adjust.proto import build_message
-from nri_plugin.adjust.select import Selection, select_devices, show_id
-from nri_plugin.errors import ContainerError, DriverChangedError, RequestError
+from nri_plugin.adjust.select import (
+    VALID_FORMS_HINT,
+    Selection,
+    describe_devices,
+    select_devices,
+    show_id,
+)
+from nri_plugin.errors import ContainerError, DeviceSelectionError, DriverChangedError, RequestError
 from nri_plugin.host import (
     DeviceNode,
     DriverSnapshot,
@@ -92,11 +98,12 @@ from nri_plugin.host import (
     IpcPath,
     Library,
     MigDevice,
+    drm_artefact,
     hot_path_checks,
     strip_root,
     verify,
 )
-from nri_plugin.request import ALL_DRIVER_CAPABILITIES, GpuRequest
+from nri_plugin.request import ALL_DRIVER_CAPABILITIES, FEATURE_VARIABLES, IMEX_KIND, GpuRequest, shorten
 from nri_plugin.wire import api
 
 LIB_DIRS_64 = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
@@ -104,6 +111,7 @@ LIB_DIRS_32 = ("/usr/lib/i386-linux-gnu", "/usr/lib")
 BIN_DIR = "/usr/bin"
 CAPS_DEV_DIR = "/dev/nvidia-caps"
 MIG_MINORS_PATH = "/proc/driver/nvidia-caps/mig-minors"
+IMEX_DIR = "/dev/nvidia-caps-imex-channels"
 
 KNOWN_CAPABILITIES = frozenset(ALL_DRIVER_CAPABILITIES.split(","))
 # Library groups in the order they are mounted, and the groups each capability selects.
@@ -150,6 +158,7 @@ class Plan:
     checks: tuple[FileId, ...] = ()
     unpinned: tuple[str, ...] = ()
     message: api.ContainerAdjustment | None = None
+    warnings: tuple[str, ...] = ()  # asked for, but this node does not have it (logged, not fatal)
 
     def response_message(self) -> api.ContainerAdjustment:
         """A fresh copy of the adjustment message (the caller owns it)."""
@@ -164,12 +173,14 @@ class Plan:
 MEMO_MAX_KEY_CHARS = 8192
 
 
-def _memo_key(request: GpuRequest) -> tuple[str, str, str, str]:
+def _memo_key(request: GpuRequest) -> tuple[str, ...]:
     return (
         request.devices,
         request.driver_capabilities,
         request.mig_config_devices,
         request.mig_monitor_devices,
+        ",".join(request.imex_channels),
+        ",".join(sorted(request.features)),
     )
 
 
@@ -189,16 +200,30 @@ def plan(request: GpuRequest, snapshot: DriverSnapshot) -> Plan:
 
 
 def select_for_request(request: GpuRequest, snapshot: DriverSnapshot) -> Selection:
-    """The request's device selection on ``snapshot`` (memoized in ``snapshot.cache``)."""
+    """The request's device selection on ``snapshot`` (memoized in ``snapshot.cache``). An
+    unknown device fails with the variable and value at fault and this node's devices."""
     if len(request.devices) > MEMO_MAX_KEY_CHARS:
-        return select_devices(request.device_ids, snapshot)
+        return _select(request, snapshot)
     cache_key = ("select", request.devices)
     cached = snapshot.cache.get(cache_key)
     if isinstance(cached, Selection):
         return cached
-    selection = select_devices(request.device_ids, snapshot)
+    selection = _select(request, snapshot)
     snapshot.cache.put(cache_key, selection)
     return selection
+
+
+def _select(request: GpuRequest, snapshot: DriverSnapshot) -> Selection:
+    try:
+        return select_devices(request.device_ids, snapshot)
+    except DeviceSelectionError as exc:
+        error = DeviceSelectionError(
+            f"{request.devices_source}={shorten(request.devices)}: {show_id(exc.device_id)}: unknown "
+            f"device; {describe_devices(snapshot)}; {VALID_FORMS_HINT}; `nvidia-nri-plugin info` "
+            "lists every id this node accepts"
+        )
+        error.device_id = exc.device_id
+        raise error from None
 
 
 def build_adjustment(request: GpuRequest, snapshot: DriverSnapshot) -> Adjustment:
@@ -218,6 +243,10 @@ class Need:
     caps: frozenset[str]
     config_all: bool  # NVIDIA_MIG_CONFIG_DEVICES=all
     monitor_all: bool  # NVIDIA_MIG_MONITOR_DEVICES=all
+    request: GpuRequest  # the other typed values (IMEX channels, gated features, management)
+
+    def graphics(self) -> bool:
+        return "graphics" in self.caps or "display" in self.caps
 
 
 Edit = DeviceNode | tuple[str, MountEdit]
@@ -235,6 +264,7 @@ def _make_plan(request: GpuRequest, snapshot: DriverSnapshot) -> Plan:
         caps=caps,
         config_all=_mig_all("NVIDIA_MIG_CONFIG_DEVICES", "mig-config", request, selection),
         monitor_all=_mig_all("NVIDIA_MIG_MONITOR_DEVICES", "mig-monitor", request, selection),
+        request=request,
     )
     _check_key_libraries(snapshot, caps)
     devices: dict[str, DeviceNode] = {}
@@ -254,7 +284,20 @@ def _make_plan(request: GpuRequest, snapshot: DriverSnapshot) -> Plan:
         checks=hot_path_checks(pins[src] for src in sources if src in pins),
         unpinned=tuple(src for src in sources if src not in pins),
         message=build_message(adjustment),
+        warnings=tuple(_feature_warnings(request, snapshot)),
     )
+
+
+def _feature_warnings(request: GpuRequest, snapshot: DriverSnapshot) -> Iterator[str]:
+    for variable, feature in FEATURE_VARIABLES:
+        if feature in request.features and not any(
+            isinstance(item, DeviceNode) for item in snapshot.artefacts.get(feature, ())
+        ):
+            yield (
+                f"{variable}=enabled, but this node has none of its device nodes "
+                f"({FEATURE_NODES[feature]}); the container gets nothing for it: load the driver "
+                "module on the node, or drop the variable"
+            )
 
 
 def _capabilities(request: GpuRequest) -> frozenset[str]:
@@ -479,6 +522,79 @@ def firmware(need: Need) -> Iterator[Edit]:
         yield host_path, MountEdit(snap.roots.to_host(host_path), dest, RO_BIND_OPTIONS)
 
 
+def management_nodes(need: Need) -> Iterator[Edit]:
+    """``management.nvidia.com/gpu=all``: every NVIDIA device node the node has (control, GPUs,
+    MIG capabilities) and every IMEX channel, as the toolkit's management CDI spec lists them
+    (not the nvidia-fs, NVSwitch or NVLink nodes, which their own features bring)."""
+    if need.request.management:
+        yield from need.snapshot.device_nodes.values()
+        for item in need.snapshot.artefacts.get("imex-channels", ()):
+            if isinstance(item, DeviceNode):
+                yield item
+
+
+def _shown_channels(nodes: Iterable[DeviceNode]) -> str:
+    minors = [str(node.minor) for node in nodes]
+    if not minors:
+        return "none"
+    return ", ".join(minors[:16]) + (f" ... ({len(minors)} in all)" if len(minors) > 16 else "")
+
+
+def imex_channels(need: Need) -> Iterator[Edit]:
+    """The requested IMEX channels (``all``: every channel node of the node); a channel the node
+    has no node for fails the container."""
+    wanted = need.request.imex_ids
+    if not wanted:
+        return
+    nodes = [n for n in need.snapshot.artefacts.get("imex-channels", ()) if isinstance(n, DeviceNode)]
+    if "all" in wanted:
+        yield from nodes
+        return
+    by_minor = {node.minor: node for node in nodes}
+    for channel in wanted:
+        node = by_minor.get(int(channel))
+        if node is None:
+            raise ContainerError(
+                f"IMEX channel {channel} was requested (NVIDIA_IMEX_CHANNELS, an imex/ device mount or "
+                f"{IMEX_KIND}={channel}), but this node has no {IMEX_DIR}/channel{channel} (its channels: "
+                f"{_shown_channels(nodes)}); create it on the node with `nvidia-modprobe -i {channel}` "
+                "(or let the IMEX daemon's channel allocation do it), or request an existing channel; "
+                "see `nvidia-nri-plugin info`"
+            )
+        yield node
+
+
+def fabricmanager_for_nvswitch(need: Need) -> Iterator[Edit]:
+    """``NVIDIA_NVSWITCH=enabled``: fabricmanager's socket too (also without ``utility``)."""
+    entry = need.snapshot.fabricmanager_socket
+    if "nvswitch" in need.request.features and entry is not None:
+        source = need.snapshot.roots.to_host(entry.host_path)
+        yield entry.host_path, MountEdit(source, entry.container_path, IPC_BIND_OPTIONS)
+
+
+def drm_nodes(need: Need) -> Iterator[Edit]:
+    """With graphics or display: ``/dev/dri/card*`` and ``renderD*`` of each selected full GPU
+    (a GPU in MIG mode has none usable: its MIG devices carry no display engine here)."""
+    if need.graphics():
+        for gpu in need.selection.gpus:
+            if not gpu.mig_enabled:
+                for item in need.snapshot.artefacts.get(drm_artefact(gpu.bus_id), ()):
+                    if isinstance(item, DeviceNode):
+                        yield item
+
+
+def gbm_backend(need: Need) -> Iterator[Edit]:
+    """With graphics or display: the GBM backend ``gbm/nvidia-drm_gbm.so``, which the driver
+    installs as a link to ``libnvidia-allocator.so.1``, as a file in each library directory."""
+    if need.graphics():
+        snap = need.snapshot
+        for lib in snap.libraries.get("compute", ()):
+            if lib.soname.startswith("libnvidia-allocator.so."):
+                for directory in LIB_DIRS_64:
+                    dest = f"{directory}/gbm/nvidia-drm_gbm.so"
+                    yield lib.host_path, MountEdit(snap.roots.to_host(lib.host_path), dest, RO_BIND_OPTIONS)
+
+
 def artefact_rule(name: str, wanted: Callable[[Need], bool]) -> Rule:
     """The rule for ``snapshot.artefacts[name]``: all of them (device nodes, and files mounted
     read-only or, for writable ones, like IPC) when ``wanted(need)``."""
@@ -508,4 +624,26 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("binaries", binaries),
     ("IPC", ipc),
     ("firmware", firmware),
+    ("management nodes", management_nodes),
+    ("IMEX channels", imex_channels),
+    ("GPUDirect Storage", artefact_rule("gds", lambda need: "gds" in need.request.features)),
+    ("MOFED", artefact_rule("mofed", lambda need: "mofed" in need.request.features)),
+    ("GDRCopy", artefact_rule("gdrcopy", lambda need: "gdrcopy" in need.request.features)),
+    ("NVSwitch", artefact_rule("nvswitch", lambda need: "nvswitch" in need.request.features)),
+    ("NVSwitch fabricmanager", fabricmanager_for_nvswitch),
+    ("DRM nodes", drm_nodes),
+    ("graphics files", artefact_rule("graphics-files", Need.graphics)),
+    ("GBM backend", gbm_backend),
+    ("display files", artefact_rule("display-files", lambda need: "display" in need.caps)),
+    ("OpenCL ICD", artefact_rule("opencl-icd", lambda need: "compute" in need.caps)),
+)
+
+# What each gated feature's device nodes are (for the message when a node has none).
+FEATURE_NODES: Mapping[str, str] = MappingProxyType(
+    {
+        "gds": "/dev/nvidia-fs*",
+        "mofed": "/dev/infiniband/uverbs*, /dev/infiniband/rdma_cm",
+        "gdrcopy": "/dev/gdrdrv",
+        "nvswitch": "/dev/nvidia-nvswitchctl, /dev/nvidia-nvswitch*",
+    }
 )

@@ -13,7 +13,8 @@ the seed hook, a malformed env entry of a non-GPU container is none of our busin
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from nri_plugin.adjust.build import Plan, plan, select_for_request
@@ -24,9 +25,11 @@ from nri_plugin.errors import (
     DiscoveryPendingError,
     DriverChangedError,
     DriverNotFoundError,
+    RequirementError,
 )
 from nri_plugin.host import DriverSnapshot, FileId, Gpu, verify
 from nri_plugin.request import (
+    CDI_ANNOTATION_PREFIX,
     DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT,
     GpuRequest,
     HookConfig,
@@ -34,6 +37,7 @@ from nri_plugin.request import (
     Mount,
     check_requirements,
     resolve_request,
+    shorten,
 )
 from nri_plugin.wire import api
 
@@ -48,6 +52,12 @@ class Decision:
     selection: Selection | None
     adjustment: Adjustment
     plan: Plan | None = None
+    # Things to log at warning level for this container (an ignored request, a feature the node
+    # lacks); none of them fails it.
+    warnings: tuple[str, ...] = ()
+    # Set when the container asks for GPUs but its spec already has NVIDIA device nodes (CDI
+    # applied by the runtime, or another injector): it is left as it is; the text says why.
+    left_alone: str = ""
 
     def message(self) -> api.ContainerAdjustment:
         """The adjustment as a fresh protobuf message (a copy of the plan's, when there is one)."""
@@ -57,7 +67,12 @@ class Decision:
 NO_GPU = Decision(None, None, EMPTY_ADJUSTMENT)
 
 
-def may_request_gpus(env: Sequence[str], mounts: Sequence[Mount], config: HookConfig) -> bool:
+def may_request_gpus(
+    env: Sequence[str],
+    mounts: Sequence[Mount],
+    config: HookConfig,
+    annotations: Mapping[str, str] | None = None,
+) -> bool:
     """Cheap necessary condition for a GPU request (false -> certainly not a GPU container)."""
     prefixes = config.trigger_prefixes
     for entry in env:
@@ -67,7 +82,17 @@ def may_request_gpus(env: Sequence[str], mounts: Sequence[Mount], config: HookCo
         for mount in mounts:
             if _VOLUME_MOUNT_MARK in mount.destination:
                 return True
+    if config.accept_cdi_annotations and annotations:
+        return any(key.startswith(CDI_ANNOTATION_PREFIX) for key in annotations)
     return False
+
+
+_NVIDIA_NODE = re.compile(r"/dev/nvidia(ctl|[0-9]+)")
+
+
+def nvidia_node_in(device_paths: Iterable[str]) -> str | None:
+    """The first NVIDIA GPU or control node among a spec's device paths, if any."""
+    return next((path for path in device_paths if _NVIDIA_NODE.fullmatch(path)), None)
 
 
 def decide(
@@ -78,17 +103,30 @@ def decide(
     snapshot: DriverSnapshot | None,
     *,
     discovery_pending: bool = False,
+    annotations: Mapping[str, str] | None = None,
+    device_paths: Sequence[str] = (),
 ) -> Decision:
     """Decide the adjustment for one container; raises a ``ContainerError`` to fail it.
 
     ``discovery_pending``: no snapshot yet because the first discovery is still running (the
     plugin registers without waiting for it), not because the host has no driver.
+    ``annotations``: the container's (read with ``accept_cdi_annotations``); ``device_paths``: the
+    device nodes its spec already has -- with an NVIDIA one among them the container got its GPUs
+    elsewhere (CDI, another injector) and is left alone instead of being given them twice.
     """
-    if not may_request_gpus(env, mounts, config):
+    if not may_request_gpus(env, mounts, config, annotations):
         return NO_GPU
-    request = resolve_request(env, mounts, privileged, config)
+    notes: list[str] = []
+    request = resolve_request(env, mounts, privileged, config, annotations=annotations, notes=notes)
     if request is None:
-        return NO_GPU
+        return Decision(None, None, EMPTY_ADJUSTMENT, warnings=tuple(notes)) if notes else NO_GPU
+    present = nvidia_node_in(device_paths)
+    if present is not None:
+        why = (
+            f"its spec already has NVIDIA device nodes ({present}): GPUs given by the runtime's CDI "
+            "support or another injector; leaving it as it is"
+        )
+        return Decision(request, None, EMPTY_ADJUSTMENT, warnings=tuple(notes), left_alone=why)
     if snapshot is None and discovery_pending:
         raise DiscoveryPendingError(
             "NVIDIA driver discovery is still in progress on this node (the plugin has just started, "
@@ -105,10 +143,10 @@ def decide(
         )
     selection = select_for_request(request, snapshot)
     if not request.disable_require:
-        check_selection_requirements(request.requirements, selection, snapshot)
+        check_selection_requirements(request, selection, snapshot)
     chosen = plan(request, snapshot)
     verify_plan(chosen.checks, chosen.unpinned, snapshot.pin_errors)
-    return Decision(request, selection, chosen.adjustment, chosen)
+    return Decision(request, selection, chosen.adjustment, chosen, warnings=(*notes, *chosen.warnings))
 
 
 def verify_plan(
@@ -132,29 +170,63 @@ def verify_plan(
 
 
 def _facts(snapshot: DriverSnapshot, gpu: Gpu | None) -> HostFacts:
+    """The facts one evaluation sees. Without a device, ``arch``/``brand`` are absent (their
+    terms hold, as in the CLI); facts discovery could not read are marked unknown (their terms
+    fail the requirement with a message that says so)."""
+    unknown = set()
+    if snapshot.cuda_version is None:
+        unknown.add("cuda")
+    if gpu is not None:
+        if gpu.compute_capability is None:
+            unknown.add("arch")
+        if gpu.brand is None:
+            unknown.add("brand")
     return HostFacts(
         cuda=snapshot.cuda_version,
         driver=snapshot.driver_version,
         arch=None if gpu is None else gpu.compute_capability,
         brand=None if gpu is None else gpu.brand,
+        unknown=frozenset(unknown),
+    )
+
+
+def node_offers(snapshot: DriverSnapshot) -> str:
+    """What a requirement could have asked of this node, for "unsatisfied condition" messages."""
+    brands = sorted({g.brand for g in snapshot.gpus if g.brand})
+    archs = sorted({g.compute_capability for g in snapshot.gpus if g.compute_capability})
+    return (
+        f"this node offers CUDA {snapshot.cuda_version or 'unknown'}, driver {snapshot.driver_version}"
+        f", brand {'/'.join(brands) or 'unknown'}, arch {'/'.join(archs) or 'unknown'}"
     )
 
 
 def check_selection_requirements(
-    requirements: Sequence[str], selection: Selection, snapshot: DriverSnapshot
+    request: GpuRequest | Sequence[str], selection: Selection, snapshot: DriverSnapshot
 ) -> None:
     """LNC: once per selected full GPU and once per selected MIG device (with its parent's facts),
-    or once without a device when nothing is selected. Identical facts are checked once."""
+    in the order the request lists them (``Selection.requirement_order``), or once without a
+    device when nothing is selected. Identical facts are checked once. A failure names the
+    variable and value at fault and, when unmet, what the node offers."""
+    requirements = request.requirements if isinstance(request, GpuRequest) else tuple(request)
+    sources = request.requirement_sources if isinstance(request, GpuRequest) else ()
     if not requirements:
         return
-    devices: list[Gpu | None] = list(selection.gpus)
-    for mig in selection.mig_devices:
-        devices.extend(gpu for gpu in selection.gpus if gpu.index == mig.parent_index)
+    devices: list[Gpu | None] = list(selection.requirement_order or selection.gpus)
     if not devices:
         devices.append(None)
     seen: list[HostFacts] = []
     for device in devices:
         facts = _facts(snapshot, device)
-        if facts not in seen:
-            seen.append(facts)
+        if facts in seen:
+            continue
+        seen.append(facts)
+        try:
             check_requirements(requirements, facts)
+        except RequirementError as exc:
+            if exc.index is None or exc.index >= len(sources):
+                raise
+            value = requirements[exc.index]
+            offers = f"; {node_offers(snapshot)}" if exc.unmet else ""
+            error = RequirementError(f"{sources[exc.index]}={shorten(value, 200)}: {exc}{offers}")
+            error.index, error.unmet = exc.index, exc.unmet
+            raise error from None

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nri_plugin.errors import DeviceSelectionError
 from nri_plugin.host import DriverSnapshot, Gpu, MigDevice
@@ -44,17 +44,22 @@ _SAFE_ID_RE = re.compile(r"[A-Za-z0-9:._/+-]{1,96}")
 
 VALID_FORMS_HINT = (
     "valid device ids are 'all', 'none', a GPU index (e.g. 0), a GPU UUID (GPU-<uuid>), a PCI bus id "
-    "(dddd:bb:dd.0), a MIG UUID (MIG-<uuid> or MIG-GPU-<uuid>/<gi>/<ci>) or a MIG index pair "
-    "<gpu>:<mig>; list this host's devices with `nvidia-smi -L`"
+    "(dddd:bb:dd.0), a MIG UUID (MIG-<uuid> or MIG-GPU-<uuid>/<gi>/<ci>), a MIG index pair "
+    "<gpu>:<mig>, or any of them as a CDI name nvidia.com/gpu=<id>"
 )
 
 
 @dataclass(frozen=True, slots=True)
 class Selection:
-    """Selected devices. ``gpus`` includes the parents of selected MIG devices."""
+    """Selected devices. ``gpus`` includes the parents of selected MIG devices.
+
+    ``requirement_order``: the devices requirements are checked against, in libnvidia-container's
+    order -- the full GPUs as the request lists them, then, for each MIG device as the request
+    lists it, its parent -- so the first unmet condition reported is the CLI's."""
 
     gpus: tuple[Gpu, ...]
     mig_devices: tuple[MigDevice, ...]
+    requirement_order: tuple[Gpu, ...] = field(default=(), compare=False)
 
 
 EMPTY_SELECTION = Selection((), ())
@@ -110,29 +115,46 @@ def _match_mig(device_id: str, snapshot: DriverSnapshot) -> tuple[Gpu, MigDevice
 
 def select_devices(ids: Sequence[str], snapshot: DriverSnapshot) -> Selection:
     """Resolve device ids (already comma-split) against the snapshot; see the module docstring."""
-    gpus: set[Gpu] = set()
-    migs: set[MigDevice] = set()
+    full: dict[Gpu, None] = {}  # in request order
+    migs: dict[MigDevice, Gpu] = {}
     for device_id in ids:
         if not device_id:
             continue  # extra commas are allowed
         if device_id.lower() == "all":
-            return Selection(
-                gpus=snapshot.gpus,
-                mig_devices=tuple(mig for gpu in snapshot.gpus for mig in gpu.mig_devices),
-            )
+            all_migs = tuple(mig for gpu in snapshot.gpus for mig in gpu.mig_devices)
+            parents = tuple(gpu for gpu in snapshot.gpus for _ in gpu.mig_devices)
+            return Selection(snapshot.gpus, all_migs, (*snapshot.gpus, *parents))
         gpu = _match_gpu(device_id, snapshot)
         if gpu is not None:
-            gpus.add(gpu)
+            full[gpu] = None
             continue
         found = _match_mig(device_id, snapshot)
         if found is not None:
-            gpus.add(found[0])
-            migs.add(found[1])
+            migs[found[1]] = found[0]
             continue
-        raise DeviceSelectionError(f"{show_id(device_id)}: unknown device; {VALID_FORMS_HINT}")
-    if not gpus:
+        error = DeviceSelectionError(f"{show_id(device_id)}: unknown device; {VALID_FORMS_HINT}")
+        error.device_id = device_id
+        raise error
+    if not full and not migs:
         return EMPTY_SELECTION
+    chosen = set(full) | set(migs.values())
     return Selection(
-        gpus=tuple(gpu for gpu in snapshot.gpus if gpu in gpus),
+        gpus=tuple(gpu for gpu in snapshot.gpus if gpu in chosen),
         mig_devices=tuple(mig for gpu in snapshot.gpus for mig in gpu.mig_devices if mig in migs),
+        requirement_order=(*full, *migs.values()),
     )
+
+
+def describe_devices(snapshot: DriverSnapshot, limit: int = 4) -> str:
+    """This node's device ids, short: for "unknown device" messages."""
+    gpus = snapshot.gpus
+    if not gpus:
+        return "this node has no GPUs"
+    indexes = f"0-{len(gpus) - 1}" if len(gpus) > 1 else "0"
+    uuids = ", ".join(gpu.uuid for gpu in gpus[:limit]) + (", ..." if len(gpus) > limit else "")
+    migs = [mig for gpu in gpus for mig in gpu.mig_devices]
+    text = f"this node has GPUs {indexes} ({uuids})"
+    if migs:
+        shown = ", ".join(f"{m.parent_index}:{m.index}" for m in migs[:limit])
+        text += f" and MIG devices {shown}" + (", ..." if len(migs) > limit else "")
+    return text

@@ -156,7 +156,10 @@ def vars_of(value: Any) -> dict[str, object]:
     """The fields of a dataclass value as they were given (derived ``init=False`` fields left out)."""
     import dataclasses
 
-    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
+    def plain(item: object) -> object:
+        return sorted(item) if isinstance(item, frozenset) else item
+
+    return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
 
 
 def items(entry: Mapping[str, object]) -> list[str]:

@@ -3,7 +3,7 @@
 The public API of the layer is ``__all__``; code outside ``nri_plugin.host`` imports only that.
 """
 
-from nri_plugin.host.discover import DEFAULT_ROOTS, discover, explain_no_driver
+from nri_plugin.host.discover import DEFAULT_ROOTS, discover, drm_artefact, explain_no_driver
 from nri_plugin.host.driver import HostDriver
 from nri_plugin.host.model import (
     DeviceNode,
@@ -34,6 +34,7 @@ __all__ = [
     "MigDevice",
     "SnapshotCache",
     "discover",
+    "drm_artefact",
     "explain_no_driver",
     "hot_path_checks",
     "strip_root",

@@ -19,13 +19,15 @@ Rules follow libnvidia-container (reference nvidia-toolkit.md §1.2-§1.6, §2.5
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import platform
+import re
 import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from nri_plugin.errors import HostDiscoveryError
 from nri_plugin.host.ldcache import LdCacheEntry, read_ldcache
@@ -121,6 +123,49 @@ DEFAULT_ROOTS = HostRoots()  # production: everything below "/"
 
 UVM_DEVICE = "nvidia-uvm"
 CAPS_DEVICE = "nvidia-caps"
+IMEX_DEVICE = "nvidia-caps-imex-channels"
+IMEX_DIR = "/dev/nvidia-caps-imex-channels"
+MISC_MAJOR = 10  # rdma_cm is a misc device
+DRM_MAJOR = 226
+MAX_DIR_ENTRIES = 8192  # bound on the entries read from one /dev or sysfs directory
+# Where the toolkit's graphics discoverer looks for configuration files: /etc, then $XDG_DATA_DIRS
+# (default /usr/local/share:/usr/share); found files are mounted at the same path.
+CONFIG_DIRS = ("/etc", "/usr/local/share", "/usr/share")
+GRAPHICS_CONFIGS = (
+    "vulkan/icd.d/nvidia_icd.json",
+    "vulkan/icd.d/nvidia_icd.x86_64.json",
+    "vulkan/icd.d/nvidia_icd.aarch64.json",
+    "vulkan/icd.d/nvidia_layers.json",
+    "vulkan/implicit_layer.d/nvidia_layers.json",
+    "glvnd/egl_vendor.d/10_nvidia.json",
+    "egl/egl_external_platform.d/09_nvidia_wayland2.json",
+    "egl/egl_external_platform.d/10_nvidia_wayland.json",
+    "egl/egl_external_platform.d/15_nvidia_gbm.json",
+    "egl/egl_external_platform.d/20_nvidia_xcb.json",
+    "egl/egl_external_platform.d/20_nvidia_xlib.json",
+    "nvidia/nvoptix.bin",
+)
+XORG_CONFIGS = ("X11/xorg.conf.d/10-nvidia.conf", "X11/xorg.conf.d/nvidia-drm-outputclass.conf")
+XORG_MODULE_DIRS = (
+    "/usr/lib/x86_64-linux-gnu/nvidia/xorg",
+    "/usr/lib/xorg/modules/drivers",
+    "/usr/lib/xorg/modules/extensions",
+    "/usr/lib/xorg/modules/updates/drivers",
+    "/usr/lib/xorg/modules/updates/extensions",
+    "/usr/lib64/xorg/modules/drivers",
+    "/usr/lib64/xorg/modules/extensions",
+    "/usr/X11R6/lib/modules/drivers",
+    "/usr/X11R6/lib/modules/extensions",
+)
+EGL_PLATFORM_LIBRARIES = (
+    "libnvidia-egl-gbm.so",
+    "libnvidia-egl-wayland.so",
+    "libnvidia-egl-wayland2.so",
+    "libnvidia-egl-xcb.so",
+    "libnvidia-egl-xlib.so",
+)
+# The container directories every library goes to (adjust.build.LIB_DIRS_64; host cannot import it).
+CONTAINER_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
 
 
 @dataclass(frozen=True, slots=True)
@@ -656,6 +701,191 @@ def _device_nodes(ctx: Context) -> Mapping[str, Any]:
     return {"device_nodes": MappingProxyType(nodes), "invalid_nodes": MappingProxyType(invalid)}
 
 
+# --- driver features beyond the core: each discoverer offers artefacts for one rule of adjust.build
+
+
+def _char_node(
+    dev_root: str, path: str, notes: _Notes, majors: Mapping[str, int], major_name: str | None
+) -> DeviceNode | None:
+    """The character device at ``path`` (not followed if a symlink) with the numbers it has,
+    accepted only when its major is the one ``/proc/devices`` lists for ``major_name`` (``None``:
+    the misc major 10): a node planted with another major (``/dev/mem``'s 1:1) is refused."""
+    host_path = os.path.join(resolve_in_root(dev_root, os.path.dirname(path)), os.path.basename(path))
+    try:
+        st = os.lstat(host_path)
+    except OSError:
+        return None
+    expected = MISC_MAJOR if major_name is None else majors.get(major_name)
+    major = os.major(st.st_rdev)
+    if not stat.S_ISCHR(st.st_mode) or expected is None or major != expected:
+        why = "not a character device" if not stat.S_ISCHR(st.st_mode) else f"has major {major}"
+        wanted = f"major {expected}" if expected is not None else f"{major_name!r} is not in /proc/devices"
+        notes.add(f"refused device node {path}: {why} ({wanted} expected)")
+        return None
+    return DeviceNode(
+        path=path,
+        host_path=host_path,
+        type="c",
+        major=major,
+        minor=os.minor(st.st_rdev),
+        file_mode=st.st_mode & 0o7777,
+        uid=st.st_uid,
+        gid=st.st_gid,
+    )
+
+
+def _list_dir(dev_root: str, directory: str) -> list[str]:
+    """Entry names of ``directory`` below the dev root (at most MAX_DIR_ENTRIES), [] if absent."""
+    try:
+        with os.scandir(resolve_in_root(dev_root, directory)) as entries:
+            return sorted(itertools.islice((e.name for e in entries), MAX_DIR_ENTRIES))
+    except OSError:
+        return []
+
+
+def _all_majors(ctx: Context) -> Mapping[str, int]:
+    cached = ctx.found.get("_all_majors")
+    if cached is None:
+        cached = parse_proc_devices(read_text(ctx.roots.proc_root, "devices") or "")
+        ctx.found["_all_majors"] = cached
+    return cast(Mapping[str, int], cached)
+
+
+def _imex_channels(ctx: Context) -> Mapping[str, Any]:
+    """``/dev/nvidia-caps-imex-channels/channel<N>`` nodes with the ``nvidia-caps-imex-channels``
+    major and minor N (nvidia-modprobe creates them; the driver numbers them)."""
+    nodes: list[DeviceNode] = []
+    major = ctx.found["char_majors"].get(IMEX_DEVICE)
+    if major is not None:
+        for name in _list_dir(ctx.roots.dev_root, IMEX_DIR):
+            match = re.fullmatch(r"channel([0-9]{1,7})", name)
+            if match is not None:
+                channel = int(match.group(1))
+                node = _device_node(ctx.roots.dev_root, f"{IMEX_DIR}/{name}", major, channel, ctx.notes)
+                if node is not None:
+                    nodes.append(node)
+    nodes.sort(key=lambda n: n.minor)
+    return {"artefacts": {"imex-channels": tuple(nodes)}}
+
+
+def _gated_nodes(ctx: Context, directory: str, pattern: str, major_name: str | None) -> list[DeviceNode]:
+    majors, nodes = _all_majors(ctx), []
+    for name in _list_dir(ctx.roots.dev_root, directory):
+        if re.fullmatch(pattern, name):
+            node = _char_node(ctx.roots.dev_root, f"{directory}/{name}", ctx.notes, majors, major_name)
+            if node is not None:
+                nodes.append(node)
+    return nodes
+
+
+def _gated_features(ctx: Context) -> Mapping[str, Any]:
+    """The device nodes (and files) of the toolkit's gated modes, as far as the host has them:
+    GPUDirect Storage (nvidia-fs), MOFED (InfiniBand verbs and rdma_cm), GDRCopy, NVSwitch."""
+    gds: list[DeviceNode | HostFile] = [*_gated_nodes(ctx, "/dev", r"nvidia-fs[0-9]*", "nvidia-fs")]
+    if gds:  # the toolkit adds udev's database and cuFile's config when nvidia-fs is there
+        udev = find_ipc(ctx.roots.run_root, "/run/udev", stat.S_IFDIR, ctx.notes)
+        if udev is not None:
+            gds.append(HostFile("/run/udev", udev.host_path, ctx.roots.run_root, pin_self=True))
+        cufile = resolve_in_root(ctx.roots.driver_root, "/etc/cufile.json")
+        if os.path.isfile(cufile):
+            gds.append(HostFile("/etc/cufile.json", cufile, ctx.roots.driver_root))
+    mofed = [
+        *_gated_nodes(ctx, "/dev/infiniband", r"uverbs[0-9]+", "infiniband_verbs"),
+        *_gated_nodes(ctx, "/dev/infiniband", r"rdma_cm", None),
+    ]
+    return {
+        "artefacts": {
+            "gds": tuple(gds),
+            "mofed": tuple(mofed),
+            "gdrcopy": tuple(_gated_nodes(ctx, "/dev", r"gdrdrv", "gdrdrv")),
+            "nvswitch": tuple(_gated_nodes(ctx, "/dev", r"nvidia-nvswitch(ctl|[0-9]+)", "nvidia-nvswitch")),
+        }
+    }
+
+
+def _config_files(ctx: Context, names: Iterable[str], dirs: Sequence[str]) -> list[HostFile]:
+    """The first of ``<dir>/<name>`` for each name that is a regular file in the driver root,
+    mounted at the same path (the toolkit's search: /etc, then the XDG data dirs)."""
+    root, found = ctx.roots.driver_root, []
+    for name in names:
+        for directory in dirs:
+            path = f"{directory}/{name}"
+            host_path = resolve_in_root(root, path)
+            if os.path.isfile(host_path) and not os.path.islink(host_path):
+                found.append(HostFile(path, host_path, root))
+                break
+    return found
+
+
+def _graphics_libraries(ctx: Context) -> list[HostFile]:
+    """The EGL platform libraries (own version numbers, not the driver's) the external platform
+    JSON files name, mounted like the driver libraries: under SONAME and file name in both dirs."""
+    out: list[HostFile] = []
+    root, native = ctx.roots.driver_root, ctx.arches.native
+    seen: set[str] = set()
+    for entry in ctx.found["_entries"]:
+        if not (entry.is_elf and entry.arch == native and entry.key.startswith(EGL_PLATFORM_LIBRARIES)):
+            continue
+        if entry.key in seen:
+            continue
+        host_path = resolve_in_root(root, entry.value)
+        if not os.path.isfile(host_path):
+            continue
+        seen.add(entry.key)
+        for directory in CONTAINER_LIB_DIRS:
+            for name in dict.fromkeys((entry.key, os.path.basename(host_path))):
+                out.append(HostFile(f"{directory}/{name}", host_path, root))
+    return out
+
+
+def _graphics(ctx: Context) -> Mapping[str, Any]:
+    """Graphics and display files as the toolkit's graphics discoverer finds them: the Vulkan, EGL
+    and GLVND ICD/vendor JSON files and the EGL platform libraries (graphics, display), the X.Org
+    driver modules and configuration (display), the OpenCL ICD (compute)."""
+    version = ctx.found["driver_version"]
+    display = _config_files(ctx, XORG_CONFIGS, ("/usr/share", "/etc"))
+    for name in ("nvidia_drv.so", f"libglxserver_nvidia.so.{version}"):
+        display += _config_files(ctx, [name], XORG_MODULE_DIRS)
+    return {
+        "artefacts": {
+            "graphics-files": (
+                *_config_files(ctx, GRAPHICS_CONFIGS, CONFIG_DIRS),
+                *_graphics_libraries(ctx),
+            ),
+            "display-files": tuple(display),
+            "opencl-icd": tuple(_config_files(ctx, ["OpenCL/vendors/nvidia.icd"], ("/etc",))),
+        }
+    }
+
+
+def drm_artefact(bus_id: str) -> str:
+    """The artefact name of the DRM nodes of the GPU at ``bus_id``."""
+    return f"drm {bus_id}"
+
+
+def _drm(ctx: Context) -> Mapping[str, Any]:
+    """``/dev/dri/card*`` and ``renderD*`` of each GPU, matched through sysfs
+    (``/sys/bus/pci/devices/<bus id>/drm/<name>``) and checked to be DRM nodes (major 226)."""
+    found: dict[str, tuple[DeviceNode, ...]] = {}
+    for gpu in ctx.found["gpus"]:
+        domain, rest = gpu.bus_id.split(":", 1)
+        sysfs = os.path.join(ctx.roots.sys_root, "bus/pci/devices", f"{int(domain, 16):04x}:{rest}", "drm")
+        try:
+            names = sorted(itertools.islice(os.listdir(sysfs), MAX_DIR_ENTRIES))
+        except OSError:
+            continue
+        nodes = []
+        for name in names:
+            match = re.fullmatch(r"(card|renderD)([0-9]{1,4})", name)
+            if match is not None:
+                minor = int(match.group(2))
+                node = _device_node(ctx.roots.dev_root, f"/dev/dri/{name}", DRM_MAJOR, minor, ctx.notes)
+                if node is not None:
+                    nodes.append(node)
+        found[drm_artefact(gpu.bus_id)] = tuple(nodes)
+    return {"artefacts": found}
+
+
 # In order: each may read what the ones before it found.
 DISCOVERERS: tuple[tuple[str, Discoverer], ...] = (
     ("ldcache", _ldcache),
@@ -666,6 +896,10 @@ DISCOVERERS: tuple[tuple[str, Discoverer], ...] = (
     ("ipc", _ipc),
     ("firmware", _firmware),
     ("device nodes", _device_nodes),
+    ("imex channels", _imex_channels),
+    ("gated features", _gated_features),
+    ("graphics", _graphics),
+    ("drm", _drm),
 )
 
 
@@ -713,7 +947,7 @@ def discover(
     for items in ctx.artefacts.values():  # artefact files are pinned like every mount source
         for item in items:
             if isinstance(item, HostFile):
-                ctx.offer(item.root, item.host_path, by_directory=not item.writable)
+                ctx.offer(item.root, item.host_path, by_directory=not (item.writable or item.pin_self))
     pins: dict[str, tuple[FileId, ...]] = {}
     pin_errors: dict[str, str] = {}
     for root, host_path, by_directory in ctx.sources:

@@ -104,6 +104,9 @@ class HostFile:
     host_path: str  # where this process found it (below ``root``; pinned)
     root: str  # the root it was discovered under
     writable: bool = False  # an IPC socket or directory (mounted read-write, noexec)
+    # Pin the entry itself (inode and type) rather than through its directory's stamp: for
+    # entries of busy directories such as /run, whose other entries change all the time.
+    pin_self: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,8 +25,30 @@ from nri_plugin.host.procfs import normalize_bus_id
 
 DEFAULT_TIMEOUT = 20.0
 
-# NVML brand enum -> name, as libnvidia-container maps them; every other value is "Unknown".
-BRANDS: dict[int, str] = {1: "Quadro", 2: "Tesla", 3: "NVS", 4: "GRID", 5: "GeForce", 6: "TITAN"}
+# NVML brand enum (nvmlBrandType_t) -> the name a `brand=` requirement compares with (ignoring
+# case). 1-6 as libnvidia-container names them. 7-16 came with newer drivers (vGPU editions, RTX,
+# the data-centre "NVIDIA" brand); the libnvidia-container versions read map them to "Unknown",
+# which made the CUDA images' own requirements (`brand=nvidia,driver>=...`, `brand=vcs,...`) wrong
+# on those nodes. Named here as the CUDA images' NVIDIA_REQUIRE_CUDA spells them (a deviation from
+# the hook, documented in the README). 0 and anything unknown stay "Unknown".
+BRANDS: dict[int, str] = {
+    1: "Quadro",
+    2: "Tesla",
+    3: "NVS",
+    4: "GRID",
+    5: "GeForce",
+    6: "TITAN",
+    7: "VApps",
+    8: "VPC",
+    9: "VCS",
+    10: "VWS",
+    11: "CloudGaming",
+    12: "QuadroRTX",
+    13: "NvidiaRTX",
+    14: "Nvidia",
+    15: "GeForceRTX",
+    16: "TitanRTX",
+}
 
 
 def brand_name(value: int) -> str:
@@ -34,7 +56,10 @@ def brand_name(value: int) -> str:
 
 
 def cuda_version_string(value: int) -> str:
-    """NVML/CUDA integer version (e.g. 12040) -> ``"12.4"``."""
+    """NVML/CUDA integer version (e.g. 12040) -> ``"12.4"``: NVML's own macros
+    (``NVML_CUDA_DRIVER_VERSION_MAJOR``/``_MINOR``: ``v / 1000`` and ``(v % 1000) / 10``).
+    libnvidia-container computes the minor as ``(v % 100) / 10``, which agrees for every CUDA
+    version released so far (minor < 10) and would turn a future 12.10 (12100) into "12.0"."""
     return f"{value // 1000}.{(value % 1000) // 10}"
 
 

@@ -46,7 +46,7 @@ from typing import Any
 
 from nri_plugin.request.model import Mount
 
-__all__ = ["is_allow_all_rule", "is_privileged", "request_inputs"]
+__all__ = ["container_annotations", "device_paths", "is_allow_all_rule", "is_privileged", "request_inputs"]
 
 
 def _optional_int(message: Any, field: str) -> int | None:
@@ -113,3 +113,15 @@ def request_inputs(container: Any) -> tuple[list[str], list[Mount], bool]:
         for m in (getattr(container, "mounts", ()) or ())
     ]
     return env, mounts, is_privileged(container)
+
+
+def container_annotations(container: Any) -> dict[str, str]:
+    """The container's annotations (``cdi.k8s.io/*`` ones may carry CDI device names)."""
+    return {str(k): str(v) for k, v in dict(getattr(container, "annotations", None) or {}).items()}
+
+
+def device_paths(container: Any) -> tuple[str, ...]:
+    """The container paths of the device nodes its spec already has (``linux.devices``)."""
+    if not _has_message(container, "linux"):
+        return ()
+    return tuple(str(getattr(d, "path", "")) for d in (getattr(container.linux, "devices", ()) or ()))

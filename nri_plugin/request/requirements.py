@@ -80,6 +80,10 @@ class HostFacts:
     driver: str | None
     arch: str | None
     brand: str | None
+    # Facts that exist but that discovery could not read (e.g. no NVML: no CUDA version, brand or
+    # arch). A term on one of them fails the requirement with a message that says so, instead of
+    # counting as satisfied the way a missing device makes it.
+    unknown: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +131,18 @@ class Requirement:
 
 class _Invalid(Exception):
     """Internal: dsl.c returned -1 ("invalid expression")."""
+
+
+class _UnknownFact(Exception):
+    """Internal: a term needs a host fact that discovery could not read."""
+
+
+FACT_DESCRIPTIONS = {
+    "cuda": "CUDA version the driver supports",
+    "driver": "driver version",
+    "arch": "GPU's compute capability",
+    "brand": "GPU's brand",
+}
 
 
 def _parse_term(text: str) -> Term:
@@ -283,6 +299,8 @@ def _evaluate_term(term: Term, facts: HostFacts) -> bool:
         raise _Invalid(term.error)
     fact = _fact(facts, term.name)
     if fact is None:
+        if term.name in facts.unknown:
+            raise _UnknownFact(term.name)
         return True
     if term.name == "brand":
         if term.operator not in ("=", "!="):
@@ -328,6 +346,14 @@ def _evaluate(expr: str, facts: HostFacts, alternatives: Iterable[Iterable[Term]
                 result = _evaluate_term(term, facts)
             except _Invalid as exc:
                 return _invalid_message(term.text, expr, str(exc))
+            except _UnknownFact as exc:
+                return (
+                    f"cannot check the requirement term {term.text!r}: it needs the "
+                    f"{FACT_DESCRIPTIONS[str(exc)]}, which driver discovery could not read on this node "
+                    "(NVML unavailable; `nvidia-nri-plugin info` shows where the device facts came "
+                    "from); fix NVML on the node, or set NVIDIA_DISABLE_REQUIRE=true to skip the "
+                    "requirements"
+                )
             if not result:
                 break
         else:
@@ -347,13 +373,20 @@ def check_requirements(requirements: Sequence[str], facts: HostFacts) -> None:
             f"too many requirements: {len(requirements)} NVIDIA_REQUIRE_* values (nvidia-container-cli "
             f"accepts at most {MAX_REQUIREMENTS}); merge or drop some of them"
         )
-    for requirement in requirements:
+    for index, requirement in enumerate(requirements):
         size = len(requirement.encode("utf-8", "surrogatepass"))
         if size >= MAX_REQUIREMENT_BYTES:
-            raise RequirementError(
+            error = RequirementError(
                 f"an NVIDIA_REQUIRE_* value of {size} bytes is longer than Linux "
                 f"accepts for one argument or environment string ({MAX_REQUIREMENT_BYTES - 1} bytes, "
                 "MAX_ARG_STRLEN), so neither nvidia-container-cli nor the container could use it; "
                 "shorten the requirement"
             )
-        check_requirement(requirement, facts)
+            error.index = index
+            raise error
+        try:
+            check_requirement(requirement, facts)
+        except RequirementError as exc:
+            exc.index = index
+            exc.unmet = str(exc).startswith("unsatisfied condition")
+            raise

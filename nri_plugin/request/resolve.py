@@ -345,7 +345,7 @@ _VOLUME_ROOT = go_clean_path(DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT)
 VOLUME_MOUNTS_SOURCE = f"the device-list mounts under {DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT}"
 
 
-def _mount_device(rest: str) -> tuple[str, str] | None:
+def _mount_device(rest: str) -> tuple[str, str]:
     """What one mount below the device-list root asks for: ("device", id or CDI name) or
     ("imex", channel); the device plugin's ``cdi/<vendor>/<class>=<name>`` (or
     ``cdi/<vendor>/<class>/<name>``) and ``imex/<channel>`` forms included."""

@@ -2,6 +2,7 @@
 
 from tests.fakehost.builder import (
     BRAND_GEFORCE,
+    BRAND_NVIDIA,
     BRAND_QUADRO,
     BRAND_TESLA,
     FakeGpu,
@@ -14,6 +15,7 @@ from tests.fakehost.builder import (
 
 __all__ = [
     "BRAND_GEFORCE",
+    "BRAND_NVIDIA",
     "BRAND_QUADRO",
     "BRAND_TESLA",
     "FakeGpu",

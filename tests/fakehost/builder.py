@@ -39,7 +39,50 @@ FAKE_LIB_SOURCE = HERE / "fake_driver_lib.c"
 
 # NVML brand enum values (nvml.h nvmlBrandType_t).
 BRAND_UNKNOWN, BRAND_QUADRO, BRAND_TESLA, BRAND_NVS, BRAND_GRID, BRAND_GEFORCE, BRAND_TITAN = range(7)
-BRAND_NVIDIA_RTX = 13
+BRAND_VAPPS, BRAND_VPC, BRAND_VCS, BRAND_VWS, BRAND_CLOUD_GAMING = range(7, 12)
+BRAND_QUADRO_RTX, BRAND_NVIDIA_RTX, BRAND_NVIDIA, BRAND_GEFORCE_RTX, BRAND_TITAN_RTX = range(12, 17)
+
+# Majors of the feature devices (dynamic on a real host; what /proc/devices says is what counts).
+FS_MAJOR = 245  # nvidia-fs (GPUDirect Storage)
+IB_VERBS_MAJOR = 231  # infiniband_verbs (fixed by the kernel)
+GDRDRV_MAJOR = 241
+NVSWITCH_MAJOR = 240
+DRM_MAJOR = 226
+MISC_MAJOR = 10
+RDMA_CM_MINOR = 58
+IMEX_CHANNELS = 2  # /dev/nvidia-caps-imex-channels/channel0..1
+# The EGL platform libraries (their own versions, not the driver's): (stem, SONAME, version).
+EGL_PLATFORM_LIBS = (
+    ("libnvidia-egl-gbm.so", "libnvidia-egl-gbm.so.1", "1.1.2"),
+    ("libnvidia-egl-wayland.so", "libnvidia-egl-wayland.so.1", "1.1.13"),
+)
+GRAPHICS_FILES = {  # in-root path -> content (the ICD/vendor files of a 550 driver install)
+    "/usr/share/vulkan/icd.d/nvidia_icd.json": (
+        '{"file_format_version": "1.0.0", "ICD": {"library_path": "libGLX_nvidia.so.0", '
+        '"api_version": "1.3.277"}}\n'
+    ),
+    "/etc/vulkan/implicit_layer.d/nvidia_layers.json": (
+        '{"file_format_version": "1.0.0", "layer": {"name": "VK_LAYER_NV_optimus", '
+        '"library_path": "libGLX_nvidia.so.0"}}\n'
+    ),
+    "/usr/share/glvnd/egl_vendor.d/10_nvidia.json": (
+        '{"file_format_version": "1.0.0", "ICD": {"library_path": "libEGL_nvidia.so.0"}}\n'
+    ),
+    "/usr/share/egl/egl_external_platform.d/15_nvidia_gbm.json": (
+        '{"file_format_version": "1.0.0", "ICD": {"library_path": "libnvidia-egl-gbm.so.1"}}\n'
+    ),
+    "/usr/share/egl/egl_external_platform.d/10_nvidia_wayland.json": (
+        '{"file_format_version": "1.0.0", "ICD": {"library_path": "libnvidia-egl-wayland.so.1"}}\n'
+    ),
+    "/usr/share/nvidia/nvoptix.bin": "fake optix data\n",
+    "/usr/share/X11/xorg.conf.d/10-nvidia.conf": 'Section "OutputClass"\n    Driver "nvidia"\nEndSection\n',
+    "/etc/OpenCL/vendors/nvidia.icd": "libnvidia-opencl.so.1\n",
+    "/etc/cufile.json": '{"logging": {"level": "ERROR"}}\n',
+}
+XORG_MODULES = (
+    "/usr/lib/xorg/modules/drivers/nvidia_drv.so",
+    "/usr/lib/xorg/modules/extensions/libglxserver_nvidia.so",
+)
 
 UVM_MAJOR = 510
 CAPS_MAJOR = 235
@@ -332,6 +375,38 @@ def _mknod(path: Path, major: int, minor: int, mode: int = 0o666) -> None:
     path.chmod(mode)
 
 
+def _install_driver_libs(
+    root: Path,
+    lib_dir: str,
+    groups: Sequence[str],
+    driver_version: str,
+    cuda_version: int,
+    *,
+    compat32: bool,
+    with_nvml: bool,
+) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """Install the driver libraries of ``groups``: (64-bit, 32-bit) in-root paths per group."""
+    host_lib_dir = root / lib_dir.lstrip("/")
+    libraries: dict[str, tuple[str, ...]] = {}
+    libraries32: dict[str, tuple[str, ...]] = {}
+    for group in groups:
+        if group not in DRIVER_LIBS:
+            raise ValueError(f"unknown library group {group!r}; known: {sorted(DRIVER_LIBS)}")
+        for stem, soname_or_none in DRIVER_LIBS[group]:
+            is_nvml = stem == "libnvidia-ml.so"
+            if is_nvml and not with_nvml:
+                continue
+            soname = soname_or_none or f"{stem}.{driver_version}"
+            obj = build_driver_lib(soname, cuda_version=cuda_version, nvml=is_nvml)
+            name = _install_lib(obj, host_lib_dir, stem, soname, driver_version)
+            libraries[group] = (*libraries.get(group, ()), f"{lib_dir}/{name}")
+            if compat32 and stem in COMPAT32_STEMS:
+                obj32 = build_driver_lib(soname, cuda_version=cuda_version, is_32bit=True)
+                name32 = _install_lib(obj32, root / LIB32_DIR.lstrip("/"), stem, soname, driver_version)
+                libraries32[group] = (*libraries32.get(group, ()), f"{LIB32_DIR}/{name32}")
+    return libraries, libraries32
+
+
 def build_fake_host(
     root: Path,
     *,
@@ -350,11 +425,16 @@ def build_fake_host(
     frontend_name: str = "nvidia",
     uvm_major: int = UVM_MAJOR,
     caps_major: int = CAPS_MAJOR,
+    with_features: bool = True,
 ) -> FakeHost:
     """Populate ``root`` as an NVIDIA host (see module doc). ``root`` may already exist (empty).
 
     ``with_nvml=False`` installs no ``libnvidia-ml`` at all (discovery must fall back to /proc);
     ``with_proc=False`` leaves out ``/proc/driver/nvidia*`` (kernel module not loaded).
+    ``with_features`` (default) adds what today's GPU nodes have beyond the core driver: IMEX
+    channel nodes, nvidia-fs, InfiniBand, gdrdrv and NVSwitch nodes, ``/dev/dri`` nodes with their
+    sysfs links, the graphics ICD/vendor files, X.Org modules, EGL platform libraries,
+    ``/run/udev`` and ``/etc/cufile.json``.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -367,23 +447,14 @@ def build_fake_host(
     )
     host_lib_dir = root / lib_dir.lstrip("/")
     host_lib_dir.mkdir(parents=True, exist_ok=True)
-    libraries: dict[str, tuple[str, ...]] = {}
-    libraries32: dict[str, tuple[str, ...]] = {}
-    for group in capabilities_libs:
-        if group not in DRIVER_LIBS:
-            raise ValueError(f"unknown library group {group!r}; known: {sorted(DRIVER_LIBS)}")
-        for stem, soname_or_none in DRIVER_LIBS[group]:
-            is_nvml = stem == "libnvidia-ml.so"
-            if is_nvml and not with_nvml:
-                continue
-            soname = soname_or_none or f"{stem}.{driver_version}"
-            obj = build_driver_lib(soname, cuda_version=cuda_version, nvml=is_nvml)
-            name = _install_lib(obj, host_lib_dir, stem, soname, driver_version)
-            libraries[group] = (*libraries.get(group, ()), f"{lib_dir}/{name}")
-            if compat32 and stem in COMPAT32_STEMS:
-                obj32 = build_driver_lib(soname, cuda_version=cuda_version, is_32bit=True)
-                name32 = _install_lib(obj32, root / LIB32_DIR.lstrip("/"), stem, soname, driver_version)
-                libraries32[group] = (*libraries32.get(group, ()), f"{LIB32_DIR}/{name32}")
+    libraries, libraries32 = _install_driver_libs(
+        root, lib_dir, capabilities_libs, driver_version, cuda_version, compat32=compat32, with_nvml=with_nvml
+    )
+    if with_features and "graphics" in capabilities_libs:
+        for stem, soname, version in EGL_PLATFORM_LIBS:
+            _install_lib(
+                build_driver_lib(soname, cuda_version=cuda_version), host_lib_dir, stem, soname, version
+            )
     conf_dirs = [lib_dir] + ([LIB32_DIR] if compat32 else [])
     _write(root / "etc/ld.so.conf", "".join(f"{d}\n" for d in conf_dirs))
     _run_ldconfig(root)
@@ -409,6 +480,8 @@ def build_fake_host(
     if with_firmware:
         for fw in ("gsp_ga10x.bin", "gsp_tu10x.bin"):
             _write(root / "lib/firmware/nvidia" / driver_version / fw, f"fake firmware {fw}\n")
+    if with_features:
+        _build_features(root, gpus, driver_version, with_proc=with_proc, device_nodes=device_nodes)
     return FakeHost(
         root=root,
         roots=roots,
@@ -423,6 +496,50 @@ def build_fake_host(
         uvm_major=uvm_major,
         caps_major=caps_major,
     )
+
+
+def drm_card(gpu_position: int) -> str:
+    return f"card{gpu_position + 1}"  # card0 is usually the BMC's display controller
+
+
+def drm_render(gpu_position: int) -> str:
+    return f"renderD{128 + gpu_position}"
+
+
+def _build_features(
+    root: Path, gpus: Sequence[FakeGpu], version: str, *, with_proc: bool, device_nodes: bool
+) -> None:
+    if with_proc:
+        devices = root / "proc/devices"
+        text = devices.read_text().replace(
+            "\nBlock devices:",
+            f"{FS_MAJOR:3d} nvidia-fs\n{IB_VERBS_MAJOR:3d} infiniband_verbs\n{GDRDRV_MAJOR:3d} gdrdrv\n"
+            f"{NVSWITCH_MAJOR:3d} nvidia-nvswitch\n{DRM_MAJOR:3d} drm\n\nBlock devices:",
+        )
+        devices.write_text(text)
+    if device_nodes:
+        dev = root / "dev"
+        for channel in range(IMEX_CHANNELS):
+            _mknod(dev / f"nvidia-caps-imex-channels/channel{channel}", IMEX_MAJOR, channel)
+        for i in range(2):
+            _mknod(dev / f"nvidia-fs{i}", FS_MAJOR, i)
+            _mknod(dev / f"infiniband/uverbs{i}", IB_VERBS_MAJOR, 192 + i)
+            _mknod(dev / f"nvidia-nvswitch{i}", NVSWITCH_MAJOR, i)
+        _mknod(dev / "infiniband/rdma_cm", MISC_MAJOR, RDMA_CM_MINOR)
+        _mknod(dev / "gdrdrv", GDRDRV_MAJOR, 0)
+        _mknod(dev / "nvidia-nvswitchctl", NVSWITCH_MAJOR, 255)
+        for pos in range(len(gpus)):
+            _mknod(dev / "dri" / drm_card(pos), DRM_MAJOR, pos + 1)
+            _mknod(dev / "dri" / drm_render(pos), DRM_MAJOR, 128 + pos)
+    for pos, g in enumerate(gpus):
+        for name in (drm_card(pos), drm_render(pos)):
+            (root / "sys/bus/pci/devices" / g.proc_dir() / "drm" / name).mkdir(parents=True, exist_ok=True)
+    (root / "run/udev/data").mkdir(parents=True, exist_ok=True)
+    for path, content in GRAPHICS_FILES.items():
+        _write(root / path.lstrip("/"), content)
+    for module in XORG_MODULES:
+        name = f"{module}.{version}" if module.endswith("libglxserver_nvidia.so") else module
+        _write(root / name.lstrip("/"), "fake X.Org module\n", 0o755)
 
 
 def _build_proc(

@@ -333,7 +333,7 @@ def test_mig_device_missing_cap_node_or_minor() -> None:
 def test_unknown_capability_and_device() -> None:
     with pytest.raises(RequestError, match="unknown driver capability 'bogus'"):
         build_adjustment(request("0", "compute,bogus"), SNAP)
-    with pytest.raises(DeviceSelectionError, match=r"^5: unknown device"):
+    with pytest.raises(DeviceSelectionError, match=r"^NVIDIA_VISIBLE_DEVICES=.5.: 5: unknown device"):
         build_adjustment(request("5"), SNAP)
 
 

@@ -97,8 +97,15 @@ def to_json(adj: Adjustment, root: str) -> str:
     return "{\n" + ",\n".join(sections) + "\n}\n"
 
 
-def req(devices: str, caps: str = "utility,compute", config: str = "", monitor: str = "") -> GpuRequest:
-    return GpuRequest(devices, config, monitor, caps, (), False)
+def req(
+    devices: str,
+    caps: str = "utility,compute",
+    config: str = "",
+    monitor: str = "",
+    imex: tuple[str, ...] = (),
+    features: frozenset[str] = frozenset(),
+) -> GpuRequest:
+    return GpuRequest(devices, config, monitor, caps, (), False, imex_channels=imex, features=features)
 
 
 ALL_CAPS = "compute,compat32,graphics,utility,video,display,ngx"
@@ -114,6 +121,14 @@ CASES: dict[str, tuple[HostSpec, GpuRequest]] = {
     "compat32": (HostSpec(compat32=True), req("0", "utility,compute,compat32")),
     "missing_sockets_firmware": (HostSpec(sockets=False, firmware=False), req("0", "utility,compute,video")),
     "custom_lib_dir": (HostSpec(lib_dir="/opt/nvidia/lib64", compat32=True), req("0", "compute,compat32")),
+    # Beyond the seed: CDI names, management, IMEX, the gated features, graphics/display files.
+    "cdi_names": (HostSpec(gpus=2), req("nvidia.com/gpu=1,vendor.com/x=y")),
+    "management": (HostSpec(gpus=2, mig_gpu=1), req("management.nvidia.com/gpu=all", "utility")),
+    "imex_channel": (HostSpec(), req("0", imex=("1",))),
+    "imex_all": (HostSpec(), req("0", imex=("all",))),
+    "gds_mofed": (HostSpec(), req("0", features=frozenset({"gds", "mofed"}))),
+    "gdrcopy_nvswitch": (HostSpec(), req("0", "compute", features=frozenset({"gdrcopy", "nvswitch"}))),
+    "vulkan": (HostSpec(gpus=2), req("1", "graphics")),
 }  # fmt: skip
 
 

@@ -160,8 +160,12 @@ def test_requirement_facts(snap: DriverSnapshot, monkeypatch: pytest.MonkeyPatch
 
 
 def test_request_errors_pass_through(snap: DriverSnapshot) -> None:
-    with pytest.raises(DeviceSelectionError, match=r"^7: unknown device"):
+    with pytest.raises(DeviceSelectionError) as info:
         decide(["NVIDIA_VISIBLE_DEVICES=0,7"], [], False, CFG, snap)
+    # The variable and value at fault, the id, this node's devices, where to look.
+    message = str(info.value)
+    assert message.startswith("NVIDIA_VISIBLE_DEVICES='0,7': 7: unknown device; this node has GPUs 0-1 (")
+    assert snap.gpus[0].uuid in message and "nvidia-nri-plugin info" in message
     with pytest.raises(RequestError, match="cannot set MIG_CONFIG_DEVICES in non privileged container"):
         decide(["NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_MIG_CONFIG_DEVICES=all"], [], False, CFG, snap)
     decision = decide(["NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_MIG_CONFIG_DEVICES=all"], [], True, CFG, snap)

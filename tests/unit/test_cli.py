@@ -85,11 +85,11 @@ def test_inspect_text(host: FakeHost) -> None:
             "--env",
             "NVIDIA_DRIVER_CAPABILITIES=utility",
             "--env",
-            "NVIDIA_REQUIRE_CUDA=cuda>=11.0",
+            "NVIDIA_REQUIRE_DRIVER=driver>=500",  # /proc knows the driver version (not CUDA's)
         ]
     )
     assert code == 0
-    assert "devices:       1" in out and "capabilities:  utility" in out and "cuda>=11.0" in out
+    assert "devices:       1" in out and "capabilities:  utility" in out and "driver>=500" in out
     assert host.gpus[1].uuid in out and host.gpus[0].uuid not in out
     assert "/dev/nvidia1  c 195:1  mode 0666  uid 0 gid 0" in out
     assert "/usr/bin/nvidia-smi <- " in out and "[bind: ro,nosuid,nodev,rbind,rprivate]" in out

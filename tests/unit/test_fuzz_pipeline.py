@@ -34,7 +34,7 @@ from nri_plugin.host.driver import HostDriver
 from nri_plugin.host.model import DriverSnapshot
 from nri_plugin.plugin import GpuPlugin, InternalError
 from nri_plugin.request.model import DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT, HookConfig
-from nri_plugin.request.nri import request_inputs
+from nri_plugin.request.nri import container_annotations, device_paths, request_inputs
 from nri_plugin.wire._gen import api_pb2 as api
 from tests.fakehost import FakeHost, FakeMig, build_fake_host, make_gpus
 
@@ -220,7 +220,16 @@ def outcome(
 ) -> Decision | ContainerError:
     env, mount_list, privileged = request_inputs(container)
     try:
-        return decide(env, mount_list, privileged, config, snap, discovery_pending=pending)
+        return decide(
+            env,
+            mount_list,
+            privileged,
+            config,
+            snap,
+            discovery_pending=pending,
+            annotations=container_annotations(container),
+            device_paths=device_paths(container),
+        )
     except ContainerError as exc:
         return exc
 
@@ -239,15 +248,16 @@ def check_decision(result: Decision | ContainerError, snap: DriverSnapshot | Non
     if isinstance(result, ContainerError):
         assert str(result).strip(), f"{type(result).__name__} without a message"
         return
-    if result.request is None:
+    if result.request is None or result.left_alone:  # (left alone: GPUs given elsewhere)
         assert not result.adjustment.devices and not result.adjustment.mounts
         return
     assert snap is not None, "a GPU decision without a driver snapshot"
     roots = snap.roots
     host_dirs = tuple(r.rstrip("/") + "/" for r in (roots.driver_root, roots.dev_root, roots.run_root))
+    discovered = {*snap.device_nodes.values(), *(i for items in snap.artefacts.values() for i in items)}
     for dev in result.adjustment.devices:
         # Device nodes and mount sources come from host discovery, never from the container.
-        assert dev.path.startswith("/dev/nvidia") and dev.host_path.startswith(host_dirs), dev
+        assert dev in discovered and dev.host_path.startswith(host_dirs), dev
         assert dev.type == "c" and dev.major >= 0 and dev.minor >= 0, dev
     for mount in result.adjustment.mounts:
         assert mount.source.startswith(host_dirs) and mount.destination.startswith("/"), mount
@@ -394,7 +404,7 @@ def test_create_container_answers_or_fails_that_container(
         assert (type(response), str(response)) == (type(expected), str(expected))
         return
     assert isinstance(response, api.CreateContainerResponse), response
-    if expected.request is None:
+    if expected.request is None or expected.left_alone:
         assert response == api.CreateContainerResponse()
     else:
         assert response.adjust == to_proto(expected.adjustment)

@@ -60,7 +60,7 @@ def test_eight_gpus_in_nvml_order(tmp_path: Path) -> None:
     gpus = make_gpus(8)
     gpus[3].brand = BRAND_GEFORCE
     gpus[4].brand = BRAND_QUADRO
-    gpus[5].brand = 13  # NVIDIA RTX: not in libnvidia-container's table
+    gpus[5].brand = 13  # NVIDIA RTX: "Unknown" in libnvidia-container's table, named here
     gpus[6].cc = (7, 5)
     host = _small_host(tmp_path / "r", gpus, driver_version="535.104.05", cuda_version=12020)
     info = query_nvml(_nvml_lib(host))
@@ -69,7 +69,7 @@ def test_eight_gpus_in_nvml_order(tmp_path: Path) -> None:
     assert [g.index for g in info.gpus] == list(range(8))
     assert [g.minor for g in info.gpus] == [g.minor for g in gpus]
     assert [g.bus_id for g in info.gpus] == [g.nvml_bus_id() for g in gpus]
-    assert [g.brand for g in info.gpus][3:6] == ["GeForce", "Quadro", "Unknown"]
+    assert [g.brand for g in info.gpus][3:6] == ["GeForce", "Quadro", "NvidiaRTX"]
     assert info.gpus[6].compute_capability == "7.5"
     assert not info.gpus[6].mig_enabled  # pre-Ampere: GetMigMode is NOT_SUPPORTED
 
@@ -137,7 +137,9 @@ def test_parse_json_errors() -> None:
 
 
 def test_brand_and_cuda_helpers() -> None:
-    assert [brand_name(i) for i in range(8)] == [
+    # 0-6 as libnvidia-container names them; 7-16 (newer NVML) as the CUDA images' requirements
+    # spell them (brand=vapps, ..., brand=titanrtx); beyond: Unknown.
+    assert [brand_name(i) for i in range(18)] == [
         "Unknown",
         "Quadro",
         "Tesla",
@@ -145,8 +147,20 @@ def test_brand_and_cuda_helpers() -> None:
         "GRID",
         "GeForce",
         "TITAN",
+        "VApps",
+        "VPC",
+        "VCS",
+        "VWS",
+        "CloudGaming",
+        "QuadroRTX",
+        "NvidiaRTX",
+        "Nvidia",
+        "GeForceRTX",
+        "TitanRTX",
         "Unknown",
     ]
     assert cuda_version_string(12040) == "12.4"
+    assert cuda_version_string(13000) == "13.0"
+    assert cuda_version_string(12100) == "12.10"  # NVML's macros (LNC's v%100/10 would say 12.0)
     assert cuda_version_string(11080) == "11.8"
     assert cuda_version_string(12090) == "12.9"

@@ -158,7 +158,7 @@ def test_malformed_or_unknown(device_id: str) -> None:
         sel(device_id)
     message = str(exc.value)
     assert "valid device ids are" in message
-    assert "nvidia-smi -L" in message
+    assert "nvidia.com/gpu=<id>" in message  # CDI names are named among the forms
 
 
 def test_message_names_the_id_and_quotes_odd_ones() -> None:
