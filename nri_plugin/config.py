@@ -382,6 +382,18 @@ class Settings:
         run_only=True,
         effect=Effect.METRICS,
     )
+    accept_cdi_annotations: bool = _boolean(
+        _HOOK.accept_cdi_annotations,
+        key="nri-plugin.accept-cdi-annotations",
+        help="read nvidia.com/gpu CDI device names from cdi.k8s.io/* container annotations (pod-controlled: "
+        "enable only where pods may choose their GPUs, as with the env-var policy)",
+    )
+    fail_unprivileged_envvar: bool = _boolean(
+        _HOOK.fail_unprivileged_envvar,
+        key="nri-plugin.fail-unprivileged-envvar-requests",
+        help="with accept-nvidia-visible-devices-envvar-when-unprivileged = false, fail an unprivileged "
+        "container that asks for GPUs by env var (the legacy hook) instead of giving it no GPUs",
+    )
     refresh_interval: float = _setting(
         10.0,
         key="nri-plugin.refresh-interval",
@@ -404,6 +416,8 @@ class Settings:
             swarm_resource=self.swarm_resource,
             supported_driver_capabilities=self.supported_driver_capabilities,
             disable_require=self.disable_require,
+            accept_cdi_annotations=self.accept_cdi_annotations,
+            fail_unprivileged_envvar=self.fail_unprivileged_envvar,
         )
         object.__setattr__(self, "hook", hook)  # derived once: read on every CreateContainer
 

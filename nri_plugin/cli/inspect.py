@@ -36,35 +36,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--mount", action="append", default=[], metavar="SRC:DST", help="container bind mount (repeatable)"
     )
     p.add_argument("--privileged", action="store_true", help="treat the container as privileged")
+    p.add_argument(
+        "--annotation",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="container annotation (repeatable), e.g. cdi.k8s.io/x=nvidia.com/gpu=0",
+    )
+    p.add_argument(
+        "--device", action="append", default=[], metavar="PATH", help="device node already in the spec"
+    )
     p.add_argument("--container-json", metavar="FILE", help="NRI Container as protobuf JSON ('-' = stdin)")
     p.add_argument("--output", choices=("text", "json"), default="text")
     add_config_flags(p, host_only=True)
 
 
-def _container_inputs(args: argparse.Namespace) -> tuple[list[str], list[Any], bool, str]:
-    """(env, mounts, privileged, label) from --container-json or the flags."""
+def _context(args: argparse.Namespace, container: Any | None) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(annotations, device paths already in the spec) from the container and the flags."""
+    from nri_plugin.request import container_annotations, device_paths
+
+    annotations = container_annotations(container) if container is not None else {}
+    for entry in args.annotation:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise UsageError(
+                f"--annotation {entry!r}: expected K=V, e.g. --annotation cdi.k8s.io/x=nvidia.com/gpu=0"
+            )
+        annotations[key] = value
+    present = device_paths(container) if container is not None else ()
+    return annotations, (*present, *args.device)
+
+
+def _load_container(args: argparse.Namespace) -> Any | None:
+    if not args.container_json:
+        return None
+    from google.protobuf import json_format
+
+    from nri_plugin.wire import api
+
+    try:
+        if args.container_json == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.container_json, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as e:
+        raise UsageError(f"--container-json {args.container_json!r}: {e.strerror}") from None
+    try:
+        return json_format.Parse(text, api.Container())
+    except json_format.ParseError as e:
+        raise UsageError(
+            f"--container-json {args.container_json!r} is not an NRI Container in protobuf JSON: {e}"
+        ) from None
+
+
+def _container_inputs(
+    args: argparse.Namespace, container: Any | None
+) -> tuple[list[str], list[Any], bool, str]:
+    """(env, mounts, privileged, label) from the --container-json container or the flags."""
     from nri_plugin.request import Mount
 
-    if args.container_json:
-        from google.protobuf import json_format
-
+    if container is not None:
         from nri_plugin.request import request_inputs
-        from nri_plugin.wire import api
 
-        try:
-            if args.container_json == "-":
-                text = sys.stdin.read()
-            else:
-                with open(args.container_json, encoding="utf-8") as f:
-                    text = f.read()
-        except OSError as e:
-            raise UsageError(f"--container-json {args.container_json!r}: {e.strerror}") from None
-        try:
-            container = json_format.Parse(text, api.Container())
-        except json_format.ParseError as e:
-            raise UsageError(
-                f"--container-json {args.container_json!r} is not an NRI Container in protobuf JSON: {e}"
-            ) from None
         env, mounts, privileged = request_inputs(container)
         return list(env), list(mounts), privileged or args.privileged, container.name or container.id
     for entry in args.env:
@@ -91,10 +125,14 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> in
 
     file_layer, flag_layer = load_layers(args, environ)
     settings = cfg.build(file_layer, flag_layer)
-    env, mounts, privileged, label = _container_inputs(args)
+    container = _load_container(args)
+    env, mounts, privileged, label = _container_inputs(args, container)
+    annotations, present = _context(args, container)
     snapshot, why = host_snapshot(settings)
     try:
-        decision = decide(env, mounts, privileged, settings.hook, snapshot)
+        decision = decide(
+            env, mounts, privileged, settings.hook, snapshot, annotations=annotations, device_paths=present
+        )
     except ContainerError as e:
         if args.output == "json":
             json.dump({"container": label, "error": str(e), "reason": type(e).__name__}, out, indent=2)
@@ -117,15 +155,33 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> in
             "gpus": [] if req is None else [gpu_dict(g) for g in selection.gpus],
             "mig_devices": [] if req is None else [m.uuid for m in selection.mig_devices],
             "adjustment": json_format.MessageToDict(to_proto(adj), preserving_proto_field_name=True),
+            "warnings": list(decision.warnings),
+            "left_alone": decision.left_alone,
         }
         json.dump(doc, out, indent=2)
         out.write("\n")
         return EXIT_OK
+    for warning in decision.warnings:
+        out.write(f"warning: {warning}\n")
     if req is None:
         out.write(f"container {label}: no GPU requested; the plugin returns an empty adjustment\n")
         return EXIT_OK
+    if decision.left_alone:
+        out.write(f"container {label}: GPU request left alone: {decision.left_alone}\n")
+        return EXIT_OK
     out.write(f"container {label}: GPU request\n")
-    out.write(f"  devices:       {req.devices or '(none: GPU container without GPUs)'}\n")
+    out.write(
+        f"  devices:       {req.devices or '(none: GPU container without GPUs)'}"
+        f" (from {req.devices_source})\n"
+    )
+    if req.management:
+        out.write("  management:    every NVIDIA device node (management.nvidia.com/gpu=all)\n")
+    if req.imex_ids:
+        out.write(f"  imex channels: {','.join(req.imex_ids)}\n")
+    if req.features:
+        out.write(f"  features:      {','.join(sorted(req.features))}\n")
+    if req.foreign_devices:
+        out.write(f"  left to the runtime: {','.join(req.foreign_devices)}\n")
     out.write(f"  capabilities:  {req.driver_capabilities}\n")
     out.write(
         f"  requirements:  {' ; '.join(req.requirements) or '(none)'}"

@@ -434,3 +434,28 @@ def test_launched_with_a_socket_fd_that_is_not_a_socket_is_a_configuration_error
     assert proc.returncode == 2, content
     assert f"NRI_PLUGIN_SOCKET={fd} is not a usable socket" in content
     assert "configuration error; not starting" in content and "unexpected error" not in content
+
+
+def test_inspect_new_request_forms(host: FakeHost, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(
+        [
+            "inspect",
+            *host_args(host.root),
+            "--no-nvml",
+            "--env",
+            "NVIDIA_VISIBLE_DEVICES=nvidia.com/gpu=1,example.com/x=y",
+            "--env",
+            "NVIDIA_IMEX_CHANNELS=0",
+            "--env",
+            "NVIDIA_GDS=enabled",
+        ]
+    )
+    assert code == 0, out
+    assert "imex channels: 0" in out and "features:      gds" in out
+    assert "left to the runtime: example.com/x=y" in out and "/dev/nvidia1  c 195:1" in out
+    assert "/dev/nvidia-caps-imex-channels/channel0" in out and "/dev/nvidia-fs0" in out
+    args = ["--env", "NVIDIA_VISIBLE_DEVICES=0", "--device", "/dev/nvidia0"]
+    code, out = run_cli(["inspect", *host_args(host.root), "--no-nvml", *args])
+    assert code == 0 and "left alone: its spec already has NVIDIA device nodes (/dev/nvidia0)" in out
+    code, out = run_cli(["inspect", *host_args(host.root), "--no-nvml", "--annotation", "bad"])
+    assert code == 2 and "--annotation 'bad': expected K=V" in capsys.readouterr().err

@@ -324,3 +324,13 @@ def test_settings_changes_are_grouped_by_effect() -> None:
     }
     assert new.hook == old.hook  # hook-less changes keep the request model's view
     assert dataclasses.replace(old, disable_require=True).hook.disable_require is True
+
+
+def test_request_model_keys_of_the_plugin_reach_the_hook_config() -> None:
+    s = cfg.build()
+    assert (s.hook.accept_cdi_annotations, s.hook.fail_unprivileged_envvar) == (False, False)
+    text = "[nri-plugin]\naccept-cdi-annotations = true\nfail-unprivileged-envvar-requests = true\n"
+    s = cfg.build(cfg.parse_toml(text, "plugin.toml"))
+    assert (s.hook.accept_cdi_annotations, s.hook.fail_unprivileged_envvar) == (True, True)
+    with pytest.raises(ConfigError, match="accept-cdi-annotations"):
+        cfg.build(cfg.parse_toml('[nri-plugin]\naccept-cdi-annotations = "yes"\n', "plugin.toml"))
