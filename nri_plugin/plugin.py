@@ -276,7 +276,7 @@ class GpuPlugin(Plugin):
                     device_paths=present,
                 )
             for warning in decision.warnings:
-                self.log.warning("GPU request: " + warning, **_who(pod, container))
+                self.log.warning("GPU request warning", **_who(pod, container), detail=warning)
             if decision.left_alone:
                 self.metrics.skipped(time.perf_counter() - t0)
                 self.log.info("GPU container left alone", **_who(pod, container), reason=decision.left_alone)

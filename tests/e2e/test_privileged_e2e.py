@@ -5,7 +5,8 @@ NRI before v0.11 carries no process capabilities; ``nri_plugin.request.nri.is_pr
 plugin (our wire stub) captures the NRI ``Container`` containerd really sends for a privileged
 container, a plain one and a plain one with an extra CRI device, and ``is_privileged`` must be
 true for the first only. Then the real daemon, configured with
-``accept-nvidia-visible-devices-envvar-when-unprivileged = false``, must refuse the unprivileged
+``accept-nvidia-visible-devices-envvar-when-unprivileged = false`` (and the seed's behaviour,
+``fail-unprivileged-envvar-requests = true``), must refuse the unprivileged
 ``NVIDIA_VISIBLE_DEVICES=all`` container and serve the privileged one.
 """
 
@@ -107,7 +108,12 @@ def test_is_privileged_matches_cri(
 def strict_plugin(containerd: Containerd, e2e_base: Path, tmp_path: Path) -> Iterator[GpuPluginProcess]:
     host = build_e2e_host(e2e_base, 2)
     config = tmp_path / "config.toml"
-    config.write_text("accept-nvidia-visible-devices-envvar-when-unprivileged = false\n")
+    # The seed's behaviour (fail the unprivileged env request) is behind a key since deviation 6;
+    # the default (no GPUs, a warning) is tested in test_request_forms_e2e.py.
+    config.write_text(
+        "accept-nvidia-visible-devices-envvar-when-unprivileged = false\n"
+        "[nri-plugin]\nfail-unprivileged-envvar-requests = true\n"
+    )
     containerd.ensure_running()
     plugin = GpuPluginProcess(host, containerd.nri_socket, tmp_path / "plugin", config=config)
     try:
