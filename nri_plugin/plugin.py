@@ -245,7 +245,8 @@ class GpuPlugin(Plugin):
         t0 = time.perf_counter()
         try:
             env, mounts, privileged = request_inputs(container)
-            annotations, present = container_annotations(container), device_paths(container)
+            hook = self.settings.hook
+            annotations = container_annotations(container) if hook.accept_cdi_annotations else None
             driver = self.driver
             try:
                 decision = decide(
@@ -256,7 +257,7 @@ class GpuPlugin(Plugin):
                     driver.snapshot(),
                     discovery_pending=driver.pending,
                     annotations=annotations,
-                    device_paths=present,
+                    device_paths=device_paths(container),
                 )
             except DriverChangedError as changed:
                 # A mount source is not what discovery pinned: an in-place driver upgrade or a
@@ -273,7 +274,7 @@ class GpuPlugin(Plugin):
                     self.settings.hook,
                     driver.snapshot(),
                     annotations=annotations,
-                    device_paths=present,
+                    device_paths=device_paths(container),
                 )
             for warning in decision.warnings:
                 self.log.warning("GPU request warning", **_who(pod, container), detail=warning)

@@ -104,7 +104,7 @@ def decide(
     *,
     discovery_pending: bool = False,
     annotations: Mapping[str, str] | None = None,
-    device_paths: Sequence[str] = (),
+    device_paths: Iterable[str] = (),
 ) -> Decision:
     """Decide the adjustment for one container; raises a ``ContainerError`` to fail it.
 

@@ -41,7 +41,7 @@ and for ``accept-nvidia-visible-devices-envvar-when-unprivileged = false``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from nri_plugin.request.model import Mount
@@ -120,8 +120,10 @@ def container_annotations(container: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in dict(getattr(container, "annotations", None) or {}).items()}
 
 
-def device_paths(container: Any) -> tuple[str, ...]:
-    """The container paths of the device nodes its spec already has (``linux.devices``)."""
+def device_paths(container: Any) -> Iterator[str]:
+    """The container paths of the device nodes its spec already has (``linux.devices``), lazily:
+    a privileged container has every host device, and only GPU requests look at them."""
     if not _has_message(container, "linux"):
-        return ()
-    return tuple(str(getattr(d, "path", "")) for d in (getattr(container.linux, "devices", ()) or ()))
+        return
+    for device in getattr(container.linux, "devices", ()) or ():
+        yield str(getattr(device, "path", ""))
