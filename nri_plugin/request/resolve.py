@@ -475,6 +475,7 @@ def _driver_capabilities(env: Mapping[str, str], legacy: bool, config: HookConfi
     if unsupported:
         supported_text = ",".join(sorted(supported))
         raise RequestError(
+            f"{ENV_DRIVER_CAPABILITIES}={shorten(requested)}: "
             f"unsupported capabilities found in '{','.join(sorted(set(caps)))}' "
             f"(allowed '{supported_text}'): {', '.join(repr(c) for c in unsupported)} not supported; "
             f"set {ENV_DRIVER_CAPABILITIES} to a comma-separated subset of the allowed capabilities "
@@ -496,7 +497,15 @@ def _requirements(env: Mapping[str, str], legacy: bool) -> tuple[tuple[str, ...]
         )
     sources = list(names)
     if legacy:
-        major, minor, _ = parse_cuda_version(checked(env, ENV_CUDA_VERSION) or "")
+        value = checked(env, ENV_CUDA_VERSION) or ""
+        try:
+            major, minor, _ = parse_cuda_version(value)
+        except RequestError as exc:
+            raise RequestError(
+                f"{ENV_CUDA_VERSION}={shorten(value)}: {exc}; expected MAJOR[.MINOR[.PATCH]] (e.g. 12.4.1): "
+                f"fix the image's {ENV_CUDA_VERSION}, or set {ENV_REQUIRE_CUDA} (then {ENV_CUDA_VERSION} is "
+                "not read as a requirement)"
+            ) from None
         requirements.append(f"cuda>={major}.{minor}")
         sources.append(f"{ENV_CUDA_VERSION} (legacy image)")
     return tuple(requirements), tuple(sources)
@@ -528,7 +537,10 @@ def resolve_request(
     if found.from_env and not privileged and not config.accept_envvar_unprivileged:
         if config.fail_unprivileged_envvar:  # the seed's behaviour (and text), kept behind a key
             raise RequestError(
-                "insufficient privileges to read device list from NVIDIA_VISIBLE_DEVICES envvar"
+                f"{found.source}={shorten(found.devices)}: insufficient privileges to read device list from "
+                "NVIDIA_VISIBLE_DEVICES envvar; request GPUs through the device plugin's volume mounts, "
+                "run the container privileged, or set fail-unprivileged-envvar-requests = false to start "
+                "such containers without GPUs"
             )
         if notes is not None:  # Deviation 6: the current toolkit ignores the request
             notes.append(
@@ -547,11 +559,17 @@ def resolve_request(
 
     mig_config = checked(variables, ENV_MIG_CONFIG_DEVICES) or ""
     if not privileged and mig_config != "":
-        raise RequestError("cannot set MIG_CONFIG_DEVICES in non privileged container")
+        raise RequestError(
+            f"{ENV_MIG_CONFIG_DEVICES}={shorten(mig_config)}: cannot set MIG_CONFIG_DEVICES in non "
+            f"privileged container; run the container privileged or unset {ENV_MIG_CONFIG_DEVICES}"
+        )
 
     mig_monitor = checked(variables, ENV_MIG_MONITOR_DEVICES) or ""
     if not privileged and mig_monitor != "":
-        raise RequestError("cannot set MIG_MONITOR_DEVICES in non privileged container")
+        raise RequestError(
+            f"{ENV_MIG_MONITOR_DEVICES}={shorten(mig_monitor)}: cannot set MIG_MONITOR_DEVICES in non "
+            f"privileged container; run the container privileged or unset {ENV_MIG_MONITOR_DEVICES}"
+        )
 
     capabilities = _driver_capabilities(variables, legacy, config)
     requirements, sources = _requirements(variables, legacy)
