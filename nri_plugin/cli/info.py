@@ -63,6 +63,28 @@ def capability_report(snapshot: DriverSnapshot, settings: Settings) -> dict[str,
     return report
 
 
+FEATURES = (
+    ("NVIDIA_IMEX_CHANNELS", "imex-channels"),
+    ("NVIDIA_GDS=enabled", "gds"),
+    ("NVIDIA_MOFED=enabled", "mofed"),
+    ("NVIDIA_GDRCOPY=enabled", "gdrcopy"),
+    ("NVIDIA_NVSWITCH=enabled", "nvswitch"),
+)
+
+
+def feature_report(snapshot: DriverSnapshot) -> dict[str, list[str]]:
+    """What each request-gated feature adds on this node (device nodes and files, by path)."""
+    from nri_plugin.host import DeviceNode
+
+    report: dict[str, list[str]] = {}
+    for variable, artefact in FEATURES:
+        report[variable] = [
+            item.path if isinstance(item, DeviceNode) else item.container_path
+            for item in snapshot.artefacts.get(artefact, ())
+        ]
+    return report
+
+
 def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> int:
     import json
 
@@ -83,6 +105,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> in
             out.write(msg + "\n")
         return EXIT_NO_DRIVER
     caps = capability_report(snap, settings)
+    features = feature_report(snap)
     if args.output == "json":
         doc = {
             "source": snap.source,
@@ -93,6 +116,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> in
             "char_majors": dict(snap.char_majors),
             "mig_minors": dict(snap.mig_minors),
             "capabilities": caps,
+            "features": features,
             "missing": list(snap.missing),
         }
         json.dump(doc, out, indent=2)
@@ -132,6 +156,9 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> in
         out.write(f"capability {cap} (+{len(extra)}):\n")
         for item in extra:
             out.write(f"  {item}\n")
+    out.write("on request (what each variable adds here):\n")
+    for name, paths in features.items():
+        out.write(f"  {name}: {', '.join(paths) if paths else 'nothing on this node'}\n")
     out.write(f"missing ({len(snap.missing)}):\n")
     for note in snap.missing:
         out.write(f"  {note}\n")

@@ -216,6 +216,8 @@ def test_info_text(host: FakeHost) -> None:
         assert g.uuid in out
     assert "nvidia=195" in out and "nvidia-uvm=510" in out
     assert "capability compute (+" in out and "mount /usr/lib/x86_64-linux-gnu/libcuda.so.550.54.14" in out
+    assert "  NVIDIA_IMEX_CHANNELS: /dev/nvidia-caps-imex-channels/channel0, " in out
+    assert "  NVIDIA_GDS=enabled: /dev/nvidia-fs0, /dev/nvidia-fs1, /run/udev, /etc/cufile.json" in out
     assert "missing (" in out
 
 
@@ -231,6 +233,7 @@ def test_info_json_with_nvml(host: FakeHost) -> None:
     assert "/dev/nvidia-uvm" in caps["compute"]["devices"]
     assert "/dev/nvidia-uvm" not in caps["utility"]["devices"]
     assert any(m.endswith("libnvidia-ml.so.1") for m in caps["utility"]["mounts"])
+    assert doc["features"]["NVIDIA_NVSWITCH=enabled"][-1] == "/dev/nvidia-nvswitchctl"
     assert isinstance(doc["missing"], list)
 
 
