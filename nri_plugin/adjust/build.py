@@ -181,6 +181,7 @@ def _memo_key(request: GpuRequest) -> tuple[str, ...]:
         request.mig_monitor_devices,
         ",".join(request.imex_channels),
         ",".join(sorted(request.features)),
+        "privileged" if request.privileged else "",
     )
 
 
@@ -289,6 +290,12 @@ def _make_plan(request: GpuRequest, snapshot: DriverSnapshot) -> Plan:
 
 
 def _feature_warnings(request: GpuRequest, snapshot: DriverSnapshot) -> Iterator[str]:
+    if request.management and not request.privileged:
+        yield (
+            f"{request.devices_source}: management.nvidia.com/gpu=all in an unprivileged container: "
+            "given every GPU and control node but not the MIG config/monitor capabilities or the IMEX "
+            "channels; run the management agent privileged if it needs them"
+        )
     for variable, feature in FEATURE_VARIABLES:
         if feature in request.features and not any(
             isinstance(item, DeviceNode) for item in snapshot.artefacts.get(feature, ())
@@ -522,12 +529,30 @@ def firmware(need: Need) -> Iterator[Edit]:
         yield host_path, MountEdit(snap.roots.to_host(host_path), dest, RO_BIND_OPTIONS)
 
 
+def _privileged_only_nodes(snapshot: DriverSnapshot) -> frozenset[str]:
+    """The management nodes only a privileged container gets: the MIG config and monitor
+    capabilities (what NVIDIA_MIG_CONFIG/MONITOR_DEVICES need privilege for)."""
+    return frozenset(
+        f"{CAPS_DEV_DIR}/nvidia-cap{snapshot.mig_minors[cap]}"
+        for cap in ("config", "monitor")
+        if cap in snapshot.mig_minors
+    )
+
+
 def management_nodes(need: Need) -> Iterator[Edit]:
     """``management.nvidia.com/gpu=all``: every NVIDIA device node the node has (control, GPUs,
     MIG capabilities) and every IMEX channel, as the toolkit's management CDI spec lists them
-    (not the nvidia-fs, NVSwitch or NVLink nodes, which their own features bring)."""
-    if need.request.management:
-        yield from need.snapshot.device_nodes.values()
+    (not the nvidia-fs, NVSwitch or NVLink nodes, which their own features bring). An unprivileged
+    container gets neither the MIG config/monitor capabilities nor the IMEX channels: the toolkit
+    gives management devices only to trusted namespaces, and the hook's privilege rule for the MIG
+    variables must not be sidestepped by a device name."""
+    if not need.request.management:
+        return
+    withheld = frozenset() if need.request.privileged else _privileged_only_nodes(need.snapshot)
+    for node in need.snapshot.device_nodes.values():
+        if node.path not in withheld:
+            yield node
+    if need.request.privileged:
         for item in need.snapshot.artefacts.get("imex-channels", ()):
             if isinstance(item, DeviceNode):
                 yield item

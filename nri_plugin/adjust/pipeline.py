@@ -88,11 +88,34 @@ def may_request_gpus(
 
 
 _NVIDIA_NODE = re.compile(r"/dev/nvidia(ctl|[0-9]+)")
+_DRIVER_LIBRARY = re.compile(r"lib(cuda|nvidia-ml)\.so(\.[0-9.]+)?")
 
 
 def nvidia_node_in(device_paths: Iterable[str]) -> str | None:
     """The first NVIDIA GPU or control node among a spec's device paths, if any."""
     return next((path for path in device_paths if _NVIDIA_NODE.fullmatch(path)), None)
+
+
+def served_elsewhere(privileged: bool, mounts: Sequence[Mount], device_paths: Iterable[str]) -> str:
+    """Why the container already has its GPUs from another injector ("" if it has not): an
+    NVIDIA device node *and* a driver library mounted into it. Device nodes alone are no evidence:
+    a privileged container carries every host device, and the device plugin's
+    ``--pass-device-specs`` adds GPU nodes but no driver. (A CDI spec from nvidia-ctk also sets
+    ``NVIDIA_VISIBLE_DEVICES=void``, which makes the container no GPU request at all.)"""
+    if privileged:
+        return ""
+    library = next(
+        (m.destination for m in mounts if _DRIVER_LIBRARY.fullmatch(m.destination.rsplit("/", 1)[-1])), None
+    )
+    if library is None:
+        return ""
+    node = nvidia_node_in(device_paths)
+    if node is None:
+        return ""
+    return (
+        f"its spec already has NVIDIA device nodes ({node}) and driver libraries ({library}): GPUs given "
+        "by the runtime's CDI support or another injector; leaving it as it is"
+    )
 
 
 def decide(
@@ -120,12 +143,8 @@ def decide(
     request = resolve_request(env, mounts, privileged, config, annotations=annotations, notes=notes)
     if request is None:
         return Decision(None, None, EMPTY_ADJUSTMENT, warnings=tuple(notes)) if notes else NO_GPU
-    present = nvidia_node_in(device_paths)
-    if present is not None:
-        why = (
-            f"its spec already has NVIDIA device nodes ({present}): GPUs given by the runtime's CDI "
-            "support or another injector; leaving it as it is"
-        )
+    why = served_elsewhere(privileged, mounts, device_paths)
+    if why:
         return Decision(request, None, EMPTY_ADJUSTMENT, warnings=tuple(notes), left_alone=why)
     if snapshot is None and discovery_pending:
         raise DiscoveryPendingError(

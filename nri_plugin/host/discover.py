@@ -705,40 +705,54 @@ def _device_nodes(ctx: Context) -> Mapping[str, Any]:
 
 
 def _char_node(
-    dev_root: str, path: str, notes: _Notes, majors: Mapping[str, int], major_name: str | None
+    dev_root: str,
+    path: str,
+    notes: _Notes,
+    majors: Mapping[str, int],
+    major_name: str | None,
+    minor: int | None,
 ) -> DeviceNode | None:
-    """The character device at ``path`` (not followed if a symlink) with the numbers it has,
-    accepted only when its major is the one ``/proc/devices`` lists for ``major_name`` (``None``:
-    the misc major 10): a node planted with another major (``/dev/mem``'s 1:1) is refused."""
+    """The character device at ``path`` (not followed if a symlink), accepted only when its major
+    is the one ``/proc/devices`` lists for ``major_name`` (``None``: the misc major 10) and its
+    minor is ``minor`` (``None``: unknown, refused): a node planted under such a name with other
+    numbers (``/dev/mem``'s 1:1, ``/dev/kvm``'s 10:232) is refused."""
     host_path = os.path.join(resolve_in_root(dev_root, os.path.dirname(path)), os.path.basename(path))
     try:
         st = os.lstat(host_path)
     except OSError:
         return None
     expected = MISC_MAJOR if major_name is None else majors.get(major_name)
-    major = os.major(st.st_rdev)
-    if not stat.S_ISCHR(st.st_mode) or expected is None or major != expected:
-        why = "not a character device" if not stat.S_ISCHR(st.st_mode) else f"has major {major}"
-        wanted = f"major {expected}" if expected is not None else f"{major_name!r} is not in /proc/devices"
-        notes.add(f"refused device node {path}: {why} ({wanted} expected)")
+    numbers = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    if not stat.S_ISCHR(st.st_mode) or expected is None or minor is None or numbers != (expected, minor):
+        why = "not a character device" if not stat.S_ISCHR(st.st_mode) else "is {}:{}".format(*numbers)
+        if expected is None:
+            wanted = f"{major_name!r} is not in /proc/devices"
+        elif minor is None:
+            wanted = "its minor is unknown"
+        else:
+            wanted = f"{expected}:{minor} expected"
+        notes.add(f"refused device node {path}: {why} ({wanted})")
         return None
     return DeviceNode(
         path=path,
         host_path=host_path,
         type="c",
-        major=major,
-        minor=os.minor(st.st_rdev),
+        major=numbers[0],
+        minor=numbers[1],
         file_mode=st.st_mode & 0o7777,
         uid=st.st_uid,
         gid=st.st_gid,
     )
 
 
-def _list_dir(dev_root: str, directory: str) -> list[str]:
-    """Entry names of ``directory`` below the dev root (at most MAX_DIR_ENTRIES), [] if absent."""
+def _list_dir(dev_root: str, directory: str, pattern: str) -> list[re.Match[str]]:
+    """The entry names of ``directory`` below the dev root that match ``pattern`` (at most
+    MAX_DIR_ENTRIES of them, sorted), [] if it is absent."""
+    wanted = re.compile(pattern)
     try:
         with os.scandir(resolve_in_root(dev_root, directory)) as entries:
-            return sorted(itertools.islice((e.name for e in entries), MAX_DIR_ENTRIES))
+            found = (m for m in (wanted.fullmatch(e.name) for e in entries) if m is not None)
+            return sorted(itertools.islice(found, MAX_DIR_ENTRIES), key=lambda m: m.string)
     except OSError:
         return []
 
@@ -757,31 +771,58 @@ def _imex_channels(ctx: Context) -> Mapping[str, Any]:
     nodes: list[DeviceNode] = []
     major = ctx.found["char_majors"].get(IMEX_DEVICE)
     if major is not None:
-        for name in _list_dir(ctx.roots.dev_root, IMEX_DIR):
-            match = re.fullmatch(r"channel([0-9]{1,7})", name)
-            if match is not None:
-                channel = int(match.group(1))
-                node = _device_node(ctx.roots.dev_root, f"{IMEX_DIR}/{name}", major, channel, ctx.notes)
-                if node is not None:
-                    nodes.append(node)
+        for match in _list_dir(ctx.roots.dev_root, IMEX_DIR, r"channel(0|[1-9][0-9]{0,6})"):
+            channel, path = int(match.group(1)), f"{IMEX_DIR}/{match.string}"
+            node = _device_node(ctx.roots.dev_root, path, major, channel, ctx.notes)
+            if node is not None:
+                nodes.append(node)
     nodes.sort(key=lambda n: n.minor)
     return {"artefacts": {"imex-channels": tuple(nodes)}}
 
 
-def _gated_nodes(ctx: Context, directory: str, pattern: str, major_name: str | None) -> list[DeviceNode]:
+def _gated_nodes(
+    ctx: Context,
+    directory: str,
+    pattern: str,
+    major_name: str | None,
+    minor: Callable[[re.Match[str]], int | None],
+) -> list[DeviceNode]:
+    """The nodes of one gated feature: names matching ``pattern``, with the major ``major_name``
+    has in /proc/devices and the minor ``minor(match)`` says the name must have."""
     majors, nodes = _all_majors(ctx), []
-    for name in _list_dir(ctx.roots.dev_root, directory):
-        if re.fullmatch(pattern, name):
-            node = _char_node(ctx.roots.dev_root, f"{directory}/{name}", ctx.notes, majors, major_name)
-            if node is not None:
-                nodes.append(node)
+    for match in _list_dir(ctx.roots.dev_root, directory, pattern):
+        path = f"{directory}/{match.string}"
+        node = _char_node(ctx.roots.dev_root, path, ctx.notes, majors, major_name, minor(match))
+        if node is not None:
+            nodes.append(node)
     return nodes
+
+
+def _numbered(base: int) -> Callable[[re.Match[str]], int | None]:
+    """Minor = ``base`` + the number in the name (group 1)."""
+    return lambda match: base + int(match.group(1))
+
+
+def _misc_minor(ctx: Context, name: str) -> Callable[[re.Match[str]], int | None]:
+    """A misc device's minor, from ``/sys/class/misc/<name>/dev`` ("10:58")."""
+
+    def minor(_match: re.Match[str]) -> int | None:
+        try:
+            with open(os.path.join(ctx.roots.sys_root, "class/misc", name, "dev"), encoding="ascii") as f:
+                major, _sep, value = f.read(32).strip().partition(":")
+        except (OSError, UnicodeDecodeError):
+            return None
+        return int(value) if major == str(MISC_MAJOR) and value.isdigit() else None
+
+    return minor
 
 
 def _gated_features(ctx: Context) -> Mapping[str, Any]:
     """The device nodes (and files) of the toolkit's gated modes, as far as the host has them:
     GPUDirect Storage (nvidia-fs), MOFED (InfiniBand verbs and rdma_cm), GDRCopy, NVSwitch."""
-    gds: list[DeviceNode | HostFile] = [*_gated_nodes(ctx, "/dev", r"nvidia-fs[0-9]*", "nvidia-fs")]
+    gds: list[DeviceNode | HostFile] = [
+        *_gated_nodes(ctx, "/dev", r"nvidia-fs(0|[1-9][0-9]{0,2})", "nvidia-fs", _numbered(0))
+    ]
     if gds:  # the toolkit adds udev's database and cuFile's config when nvidia-fs is there
         udev = find_ipc(ctx.roots.run_root, "/run/udev", stat.S_IFDIR, ctx.notes)
         if udev is not None:
@@ -789,16 +830,22 @@ def _gated_features(ctx: Context) -> Mapping[str, Any]:
         cufile = resolve_in_root(ctx.roots.driver_root, "/etc/cufile.json")
         if os.path.isfile(cufile):
             gds.append(HostFile("/etc/cufile.json", cufile, ctx.roots.driver_root))
-    mofed = [
-        *_gated_nodes(ctx, "/dev/infiniband", r"uverbs[0-9]+", "infiniband_verbs"),
-        *_gated_nodes(ctx, "/dev/infiniband", r"rdma_cm", None),
+    mofed = [  # uverbs<N> is minor 192 + N (IB_UVERBS_BASE_MINOR); rdma_cm a misc device
+        *_gated_nodes(
+            ctx, "/dev/infiniband", r"uverbs(0|[1-9][0-9]{0,2})", "infiniband_verbs", _numbered(192)
+        ),
+        *_gated_nodes(ctx, "/dev/infiniband", r"rdma_cm", None, _misc_minor(ctx, "rdma_cm")),
+    ]
+    nvswitch = [  # nvidia-nvswitchctl is minor 255, nvidia-nvswitch<N> minor N (nvidia-modprobe)
+        *_gated_nodes(ctx, "/dev", r"nvidia-nvswitch(0|[1-9][0-9]{0,2})", "nvidia-nvswitch", _numbered(0)),
+        *_gated_nodes(ctx, "/dev", r"nvidia-nvswitchctl", "nvidia-nvswitch", lambda _: 255),
     ]
     return {
         "artefacts": {
             "gds": tuple(gds),
             "mofed": tuple(mofed),
-            "gdrcopy": tuple(_gated_nodes(ctx, "/dev", r"gdrdrv", "gdrdrv")),
-            "nvswitch": tuple(_gated_nodes(ctx, "/dev", r"nvidia-nvswitch(ctl|[0-9]+)", "nvidia-nvswitch")),
+            "gdrcopy": tuple(_gated_nodes(ctx, "/dev", r"gdrdrv", "gdrdrv", lambda _: 0)),
+            "nvswitch": tuple(nvswitch),
         }
     }
 
@@ -846,6 +893,10 @@ def _graphics(ctx: Context) -> Mapping[str, Any]:
     display = _config_files(ctx, XORG_CONFIGS, ("/usr/share", "/etc"))
     for name in ("nvidia_drv.so", f"libglxserver_nvidia.so.{version}"):
         display += _config_files(ctx, [name], XORG_MODULE_DIRS)
+    for found in list(display):  # X.Org loads the GLX module by its unversioned name
+        if found.container_path.endswith(f"/libglxserver_nvidia.so.{version}"):
+            unversioned = found.container_path.removesuffix(f".{version}")
+            display.append(HostFile(unversioned, found.host_path, found.root))
     return {
         "artefacts": {
             "graphics-files": (
@@ -853,7 +904,7 @@ def _graphics(ctx: Context) -> Mapping[str, Any]:
                 *_graphics_libraries(ctx),
             ),
             "display-files": tuple(display),
-            "opencl-icd": tuple(_config_files(ctx, ["OpenCL/vendors/nvidia.icd"], ("/etc",))),
+            "opencl-icd": tuple(_config_files(ctx, ["OpenCL/vendors/nvidia.icd"], CONFIG_DIRS)),
         }
     }
 

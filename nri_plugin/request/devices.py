@@ -11,9 +11,10 @@ annotations):
   This plugin resolves the kinds NVIDIA's CDI generator (``nvidia-ctk cdi generate``) emits against
   its own host discovery, so no CDI spec file is needed:
 
-  - ``nvidia.com/gpu`` (and the toolkit's just-in-time kind ``runtime.nvidia.com/gpu``): the name is
-    a device id in the forms above, or the generator's ``type-index`` names ``gpu<N>`` and
-    ``mig<N>:<M>``;
+  - ``nvidia.com/gpu`` (and the toolkit's just-in-time kind ``runtime.nvidia.com/gpu``, and the
+    device plugin's ``k8s.device-plugin.nvidia.com/gpu``): the name is a device id in the forms
+    above, the generator's ``type-index`` names ``gpu<N>`` and ``mig<N>:<M>``, or ``none`` (a GPU
+    container without GPUs, as jit-cdi spells ``NVIDIA_VISIBLE_DEVICES=none``);
   - ``management.nvidia.com/gpu=all``: every NVIDIA device node of the node (the management spec,
     for monitoring agents such as dcgm-exporter);
   - ``nvidia.com/imex-channel=<N>`` (or ``=all``): an IMEX channel;
@@ -42,7 +43,9 @@ __all__ = [
     "parse_imex_channel",
 ]
 
-GPU_KINDS = frozenset({"nvidia.com/gpu", "runtime.nvidia.com/gpu"})
+# nvidia.com/gpu: nvidia-ctk's specs; runtime.nvidia.com/gpu: the toolkit's just-in-time kind;
+# k8s.device-plugin.nvidia.com/gpu: what the k8s-device-plugin's cdi-annotations strategy writes.
+GPU_KINDS = frozenset({"nvidia.com/gpu", "runtime.nvidia.com/gpu", "k8s.device-plugin.nvidia.com/gpu"})
 MANAGEMENT_KIND = "management.nvidia.com/gpu"
 IMEX_KIND = "nvidia.com/imex-channel"
 MAX_IMEX_CHANNEL = 2**20 - 1  # the toolkit's limit for channel numbers
@@ -65,11 +68,12 @@ class DeviceList:
     management: bool = False  # management.nvidia.com/gpu=all
     imex_channels: tuple[str, ...] = ()  # channel ids (digits) or "all", from nvidia.com/imex-channel
     foreign: tuple[str, ...] = ()  # CDI names of kinds this plugin does not own (left alone)
+    none: bool = False  # nvidia.com/gpu=none: a GPU container without GPUs
 
     @property
     def ours(self) -> bool:
         """Anything in the list that this plugin acts on."""
-        return bool(self.ids or self.management or self.imex_channels)
+        return bool(self.ids or self.management or self.imex_channels or self.none)
 
 
 def _unwrap_gpu_name(name: str) -> str:
@@ -107,7 +111,7 @@ def parse_device_list(elements: Iterable[str], variable: str) -> DeviceList:
     ids: list[str] = []
     imex: list[str] = []
     foreign: list[str] = []
-    management = False
+    management = none = False
     for element in elements:
         if "=" not in element:
             ids.append(element)
@@ -118,7 +122,10 @@ def parse_device_list(elements: Iterable[str], variable: str) -> DeviceList:
             continue
         kind, name = f"{match.group(1)}/{match.group(2)}", match.group(3)
         if kind in GPU_KINDS:
-            ids.append(_unwrap_gpu_name(name))
+            if name.lower() == "none":
+                none = True
+            else:
+                ids.append(_unwrap_gpu_name(name))
         elif kind == MANAGEMENT_KIND:
             if name.lower() != "all":
                 raise RequestError(
@@ -130,4 +137,4 @@ def parse_device_list(elements: Iterable[str], variable: str) -> DeviceList:
             imex.append(parse_imex_channel(name, variable))
         else:
             foreign.append(element)
-    return DeviceList(tuple(ids), management, tuple(imex), tuple(foreign))
+    return DeviceList(tuple(ids), management, tuple(imex), tuple(foreign), none)

@@ -23,6 +23,7 @@ from nri_plugin.errors import RequestError
 __all__ = [
     "DEFAULT_VALUE_LIMIT",
     "DEVICE_LIST_LIMIT",
+    "MAX_ANNOTATION_TOTAL",
     "MAX_DEVICE_MOUNTS",
     "MAX_REQUIREMENT_TOTAL",
     "VALUE_LIMITS",
@@ -50,6 +51,7 @@ DEFAULT_VALUE_LIMIT = DEVICE_LIST_LIMIT
 REQUIREMENT_LIMIT = 8 * 1024
 MAX_REQUIREMENT_TOTAL = 32 * 1024  # all NVIDIA_REQUIRE_* values together
 MAX_DEVICE_MOUNTS = 1024  # /var/run/nvidia-container-devices/<id> mounts of one container
+MAX_ANNOTATION_TOTAL = 4 * DEVICE_LIST_LIMIT  # all cdi.k8s.io/* annotation values of one container
 PATH_LIMIT = 4096  # PATH_MAX, for mount destinations we parse
 
 _SHOWN = 64

@@ -84,6 +84,7 @@ class GpuRequest:
     # Beyond the seed (newer request forms; defaults = the seed's request):
     imex_channels: tuple[str, ...] = ()  # NVIDIA_IMEX_CHANNELS / imex volume mounts: numbers or "all"
     features: frozenset[str] = frozenset()  # gated driver features asked for: gds, mofed, gdrcopy, nvswitch
+    privileged: bool = False  # the container is privileged (management devices depend on it)
     # Where the device list came from, e.g. "NVIDIA_VISIBLE_DEVICES" (for messages only).
     devices_source: str = field(default="NVIDIA_VISIBLE_DEVICES", compare=False)
     # The variable each requirement came from (parallel to ``requirements``; for messages only).
@@ -101,6 +102,8 @@ class GpuRequest:
     """IMEX channels asked for, from ``imex_channels`` and ``nvidia.com/imex-channel`` names."""
     foreign_devices: tuple[str, ...] = field(init=False, repr=False, compare=False)
     """CDI names of kinds this plugin does not own: left alone."""
+    devices_ours: bool = field(init=False, repr=False, compare=False)
+    """The device list names something this plugin acts on (or is empty: ``none``)."""
     capabilities: frozenset[str] = field(init=False, repr=False, compare=False)
     """The set of requested driver capabilities."""
     mig_config_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -115,6 +118,7 @@ class GpuRequest:
             "management": parsed.management,
             "imex_ids": tuple(dict.fromkeys((*self.imex_channels, *parsed.imex_channels))),
             "foreign_devices": parsed.foreign,
+            "devices_ours": parsed.ours or not self.devices,
             "capabilities": frozenset(split_list(self.driver_capabilities)),
             "mig_config_ids": tuple(e for e in self.mig_config_devices.split(",") if e),
             "mig_monitor_ids": tuple(e for e in self.mig_monitor_devices.split(",") if e),

@@ -336,30 +336,42 @@ def _outcome(expr: str, facts: HostFacts) -> str | None:
 
 
 def _evaluate(expr: str, facts: HostFacts, alternatives: Iterable[Iterable[Term]]) -> str | None:
-    """The error message of evaluating ``expr`` against ``facts`` (``None``: satisfied)."""
+    """The error message of evaluating ``expr`` against ``facts`` (``None``: satisfied).
+
+    A term on a fact discovery could not read (``facts.unknown``) leaves its alternative
+    undetermined: the other alternatives are still evaluated, and only when none holds does the
+    requirement fail -- with the unknown-fact message if an undetermined one might have held."""
     if "\x00" in expr:
         return _nul_message(expr)
     result = True
+    undetermined: Term | None = None
     for alternative in alternatives:
+        unknown_here: Term | None = None
         for term in alternative:
             try:
                 result = _evaluate_term(term, facts)
             except _Invalid as exc:
                 return _invalid_message(term.text, expr, str(exc))
-            except _UnknownFact as exc:
-                return (
-                    f"cannot check the requirement term {term.text!r}: it needs the "
-                    f"{FACT_DESCRIPTIONS[str(exc)]}, which driver discovery could not read on this node "
-                    "(NVML unavailable; `nvidia-nri-plugin info` shows where the device facts came "
-                    "from); fix NVML on the node, or set NVIDIA_DISABLE_REQUIRE=true to skip the "
-                    "requirements"
-                )
+            except _UnknownFact:
+                unknown_here = unknown_here or term
+                result = True  # undetermined: look at the other terms of this alternative
+                continue
             if not result:
                 break
         else:
-            break  # every term held (or there were none): the OR is decided
+            if unknown_here is None:
+                break  # every term held (or there were none): the OR is decided
+            undetermined = undetermined or unknown_here
+            result = False
     if result:
         return None
+    if undetermined is not None:
+        return (
+            f"cannot check the requirement term {undetermined.text!r}: it needs the "
+            f"{FACT_DESCRIPTIONS[undetermined.name]}, which driver discovery could not read on this node "
+            "(NVML unavailable; `nvidia-nri-plugin info` shows where the device facts came from); fix "
+            "NVML on the node, or set NVIDIA_DISABLE_REQUIRE=true to skip the requirements"
+        )
     reported = expr.split(" ", 1)[0]  # Requirement.reported
     hint = _CUDA_HINT if reported.startswith(_CUDA_REQUIRE_GREATER) else ""
     return f"unsatisfied condition: {reported}{hint}"

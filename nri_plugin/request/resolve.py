@@ -27,6 +27,9 @@ escape.  The deliberate deviations, each tested as ``test_deviation_<n>_…``:
    from a CUDA base image (which sets ``NVIDIA_VISIBLE_DEVICES=all``) failed to start in the secure
    setup the toolkit documents. The seed's behaviour is the plugin key
    ``fail-unprivileged-envvar-requests = true``.
+7. ``NVIDIA_IMEX_CHANNELS=all`` (a newer variable the seed does not read) gives every channel of the
+   node to a privileged container, and nothing (with a warning) to an unprivileged one; the
+   current toolkit ignores ``all`` from the environment for every container.
 
 Beyond the seed (newer request forms, each with its own tests): CDI device names in any device
 list (``request.devices``), ``cdi.k8s.io/*`` container annotations (key ``accept-cdi-annotations``,
@@ -48,6 +51,7 @@ from nri_plugin.errors import RequestError
 from nri_plugin.request.devices import parse_device_list, parse_imex_channel
 from nri_plugin.request.limits import (
     DEVICE_LIST_LIMIT,
+    MAX_ANNOTATION_TOTAL,
     MAX_DEVICE_MOUNTS,
     MAX_REQUIREMENT_TOTAL,
     PATH_LIMIT,
@@ -346,8 +350,8 @@ VOLUME_MOUNTS_SOURCE = f"the device-list mounts under {DEVICE_LIST_AS_VOLUME_MOU
 
 
 def _mount_device(rest: str) -> tuple[str, str]:
-    """What one mount below the device-list root asks for: ("device", id or CDI name) or
-    ("imex", channel); the device plugin's ``cdi/<vendor>/<class>=<name>`` (or
+    """What one mount below the device-list root asks for: ("device", id or CDI name),
+    ("imex", channel) or ("invalid", why); the device plugin's ``cdi/<vendor>/<class>=<name>`` (or
     ``cdi/<vendor>/<class>/<name>``) and ``imex/<channel>`` forms included."""
     if rest.startswith("cdi/"):
         parts = rest[4:].split("/")
@@ -355,13 +359,16 @@ def _mount_device(rest: str) -> tuple[str, str]:
             return "device", f"{parts[0]}/{parts[1]}"
         if len(parts) == 3:
             return "device", f"{parts[0]}/{parts[1]}={parts[2]}"
-        return "device", rest  # device selection reports it as unknown
+        # As the toolkit does: a malformed CDI mount is skipped with a warning, not failed.
+        return "invalid", f"{DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT}/{rest} is not a CDI device name"
     if rest.startswith("imex/") and rest[5:]:
         return "imex", parse_imex_channel(rest[5:], VOLUME_MOUNTS_SOURCE)
     return "device", rest
 
 
-def _devices_from_mounts(mounts: Sequence[Mount]) -> tuple[str | None, tuple[str, ...]]:
+def _devices_from_mounts(
+    mounts: Sequence[Mount], notes: list[str] | None = None
+) -> tuple[str | None, tuple[str, ...]]:
     """The device list (or ``None``) and the IMEX channels that the volume mounts ask for."""
     devices: list[str] = []
     imex: list[str] = []
@@ -380,6 +387,10 @@ def _devices_from_mounts(mounts: Sequence[Mount]) -> tuple[str | None, tuple[str
         if not device:
             continue
         kind, value = _mount_device(device)
+        if kind == "invalid":
+            if notes is not None:
+                notes.append(f"ignoring a device-list mount: {value}")
+            continue
         (imex if kind == "imex" else devices).append(value)
         if len(devices) + len(imex) > MAX_DEVICE_MOUNTS:
             raise RequestError(
@@ -393,7 +404,14 @@ def _devices_from_annotations(annotations: Mapping[str, str]) -> str | None:
     """``cdi.k8s.io/*`` annotations (keys sorted, values comma lists), when one names a device
     this plugin owns; ``None`` otherwise (the other sources are read then)."""
     names: list[str] = []
-    for key in sorted(k for k in annotations if k.startswith(CDI_ANNOTATION_PREFIX)):
+    keys = sorted(k for k in annotations if k.startswith(CDI_ANNOTATION_PREFIX))
+    total = sum(len(annotations[k]) for k in keys)
+    if total > MAX_ANNOTATION_TOTAL:
+        raise RequestError(
+            f"the {len(keys)} {CDI_ANNOTATION_PREFIX}* annotations are {total} characters long together, "
+            f"over the NVIDIA NRI plugin's limit of {MAX_ANNOTATION_TOTAL}; fix the pod spec"
+        )
+    for key in keys:
         value = annotations[key]
         if len(value) > DEVICE_LIST_LIMIT:
             raise RequestError(
@@ -420,6 +438,7 @@ def _devices(
     mounts: Sequence[Mount],
     annotations: Mapping[str, str],
     legacy: bool,
+    notes: list[str] | None,
 ) -> _Devices | None:
     """Where the device list comes from, in the toolkit's order: CDI annotations (when enabled),
     volume mounts (when enabled), then the environment."""
@@ -429,7 +448,7 @@ def _devices(
             return _Devices(from_annotations, "cdi.k8s.io annotations")
     imex: tuple[str, ...] = ()
     if config.accept_volume_mounts:
-        from_mounts, imex = _devices_from_mounts(mounts)
+        from_mounts, imex = _devices_from_mounts(mounts, notes)
         if from_mounts is not None:
             return _Devices(from_mounts, VOLUME_MOUNTS_SOURCE, imex)
     found = _devices_from_envvar(env, legacy, config)
@@ -531,7 +550,7 @@ def resolve_request(
     variables = env_map(env)
     legacy = _is_legacy_image(variables)
 
-    found = _devices(config, variables, mounts, annotations or {}, legacy)
+    found = _devices(config, variables, mounts, annotations or {}, legacy, notes)
     if found is None:
         return None
     if found.from_env and not privileged and not config.accept_envvar_unprivileged:
@@ -556,6 +575,14 @@ def resolve_request(
     imex = found.imex
     if not imex and (privileged or config.accept_envvar_unprivileged):
         imex = _imex_from_env(variables)
+        if "all" in imex and not privileged:  # Deviation 7
+            imex = tuple(c for c in imex if c != "all")
+            if notes is not None:
+                notes.append(
+                    f"{ENV_IMEX_CHANNELS}=all in an unprivileged container: ignored (all IMEX channels "
+                    "cross tenant boundaries; the toolkit ignores it for every container); list the "
+                    "channels, or request them through the device plugin"
+                )
 
     mig_config = checked(variables, ENV_MIG_CONFIG_DEVICES) or ""
     if not privileged and mig_config != "":
@@ -586,12 +613,13 @@ def resolve_request(
         disable_require=disable_require,
         imex_channels=imex,
         features=_features(variables),
+        privileged=privileged,
         devices_source=found.source,
         requirement_sources=sources,
     )
     if request.foreign_devices and notes is not None:
         shown = ", ".join(request.foreign_devices[:4])
         notes.append(f"{found.source}: leaving CDI devices of other kinds to the runtime: {shown}")
-    if devices and not (request.device_ids or request.management or request.imex_ids):
-        return None  # only names of kinds we do not own: not our container
+    if not request.devices_ours:
+        return None  # only names of kinds we do not own: not our container (IMEX env alone neither)
     return request

@@ -129,8 +129,10 @@ def test_cdi_name_in_visible_devices(
 def test_cdi_annotation(
     containerd: Containerd, plugin: GpuPluginProcess, pod: Pod, host: FakeHost, e2e_images: BuiltImages
 ) -> None:
-    # What kubelet writes for the device plugin's cdi-annotations strategy; unprivileged container.
-    ann = {"cdi.k8s.io/nvidia-device-plugin_0a1b": "nvidia.com/gpu=0"}
+    # The device plugin's cdi-annotations strategy (names of its own kind); unprivileged container.
+    # (containerd's own CDI support, enable_cdi, must be off for these: it would resolve
+    # cdi.k8s.io annotations itself and fail without a spec file. The test containerd has it off.)
+    ann = {"cdi.k8s.io/nvidia-device-plugin_0a1b": "k8s.device-plugin.nvidia.com/gpu=0"}
     result = run(
         containerd.cri, pod, e2e_images, "cdi-ann", "ls -l /dev/nvidia0", privileged=False, annotations=ann
     )
@@ -213,21 +215,60 @@ def test_vulkan_container(
     assert drm_render(0) not in result.log, result.log  # only the selected GPU's nodes
 
 
-def test_container_with_gpus_from_cdi_is_left_alone(
+def test_container_with_gpus_from_elsewhere_is_left_alone(
     containerd: Containerd, plugin: GpuPluginProcess, pod: Pod, host: FakeHost, e2e_images: BuiltImages
 ) -> None:
-    # As if the runtime's CDI support (or another injector) had given it GPU 0 already.
+    # As another injector would have: GPU 0's nodes and the driver's libcuda, in an unprivileged
+    # container that also carries the device plugin's request for GPU 0.
     devices = (
         CriDevice(str(host.path("/dev/nvidia0")), "/dev/nvidia0"),
         CriDevice(str(host.path("/dev/nvidiactl")), "/dev/nvidiactl"),
     )
-    env = {"NVIDIA_VISIBLE_DEVICES": "all"}
-    result = run(containerd.cri, pod, e2e_images, "cdi-given", "ls -l /dev/nvidia0", env=env, devices=devices)
+    libcuda = f"{host.lib_dir}/libcuda.so.{host.driver_version}"
+    mounts = (
+        CriMount(str(host.path(libcuda)), "/usr/lib/x86_64-linux-gnu/libcuda.so.1", readonly=True),
+        CriMount("/dev/null", f"{VOLUME_ROOT}/0", readonly=True),
+    )
+    result = run(
+        containerd.cri, pod, e2e_images, "served", "ls -l /dev/nvidia0", privileged=False,
+        devices=devices, mounts=mounts,
+    )  # fmt: skip
     assert set(nvidia_devices(result.spec)) == {"/dev/nvidia0", "/dev/nvidiactl"}  # nothing added
-    assert not [m for m in result.spec.get("mounts") or [] if str(host.root) in str(m.get("source", ""))]
-    record = plugin.wait_for("GPU container left alone", container="cdi-given")
-    assert "/dev/nvidia" in record.fields["reason"], record.line
-    assert not plugin.find("GPU container refused", container="cdi-given")
+    ours = [m for m in result.spec.get("mounts") or [] if str(host.root) in str(m.get("source", ""))]
+    assert [m["destination"] for m in ours] == ["/usr/lib/x86_64-linux-gnu/libcuda.so.1"], ours
+    record = plugin.wait_for("GPU container left alone", container="served")
+    assert "/dev/nvidia" in record.fields["reason"] and "libcuda" in record.fields["reason"], record.line
+    assert not plugin.find("GPU container refused", container="served")
+
+
+def test_cdi_applied_by_the_runtime_is_not_a_request(
+    containerd: Containerd, plugin: GpuPluginProcess, pod: Pod, host: FakeHost, e2e_images: BuiltImages
+) -> None:
+    # nvidia-ctk's CDI specs set NVIDIA_VISIBLE_DEVICES=void next to the nodes they add: untouched.
+    devices = (CriDevice(str(host.path("/dev/nvidia1")), "/dev/nvidia1"),)
+    env = {"NVIDIA_VISIBLE_DEVICES": "void"}
+    result = run(
+        containerd.cri, pod, e2e_images, "cdi-void", "true", env=env, privileged=False, devices=devices
+    )
+    assert set(nvidia_devices(result.spec)) == {"/dev/nvidia1"}
+    plugin.wait_for("no GPU requested", container="cdi-void")
+
+
+def test_pass_device_specs_pod_still_gets_the_driver(
+    containerd: Containerd, plugin: GpuPluginProcess, pod: Pod, host: FakeHost, e2e_images: BuiltImages
+) -> None:
+    # The device plugin with --pass-device-specs adds the GPU's nodes (and the volume mount), but
+    # no driver: device nodes alone are no sign of another injector.
+    devices = (
+        CriDevice(str(host.path("/dev/nvidia1")), "/dev/nvidia1"),
+        CriDevice(str(host.path("/dev/nvidiactl")), "/dev/nvidiactl"),
+    )
+    mounts = (CriMount("/dev/null", f"{VOLUME_ROOT}/1", readonly=True),)
+    result = run(
+        containerd.cri, pod, e2e_images, "pass-specs", "/usr/bin/gpu-probe", privileged=False,
+        devices=devices, mounts=mounts,
+    )  # fmt: skip
+    assert gpu_nodes(result) == {"/dev/nvidia1"} and "PROBE_OK" in result.log, result.log
 
 
 def test_unprivileged_env_request_gets_no_gpus_and_a_warning(

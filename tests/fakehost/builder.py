@@ -534,6 +534,7 @@ def _build_features(
     for pos, g in enumerate(gpus):
         for name in (drm_card(pos), drm_render(pos)):
             (root / "sys/bus/pci/devices" / g.proc_dir() / "drm" / name).mkdir(parents=True, exist_ok=True)
+    _write(root / "sys/class/misc/rdma_cm/dev", f"{MISC_MAJOR}:{RDMA_CM_MINOR}\n")
     (root / "run/udev/data").mkdir(parents=True, exist_ok=True)
     for path, content in GRAPHICS_FILES.items():
         _write(root / path.lstrip("/"), content)

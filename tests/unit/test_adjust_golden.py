@@ -104,11 +104,23 @@ def req(
     monitor: str = "",
     imex: tuple[str, ...] = (),
     features: frozenset[str] = frozenset(),
+    privileged: bool = False,
 ) -> GpuRequest:
-    return GpuRequest(devices, config, monitor, caps, (), False, imex_channels=imex, features=features)
+    return GpuRequest(
+        devices,
+        config,
+        monitor,
+        caps,
+        (),
+        False,
+        imex_channels=imex,
+        features=features,
+        privileged=privileged,
+    )
 
 
 ALL_CAPS = "compute,compat32,graphics,utility,video,display,ngx"
+MANAGEMENT = "management.nvidia.com/gpu=all"
 CASES: dict[str, tuple[HostSpec, GpuRequest]] = {
     "one_gpu": (HostSpec(), req("0")),
     "eight_gpus": (HostSpec(gpus=8), req("all")),
@@ -123,9 +135,10 @@ CASES: dict[str, tuple[HostSpec, GpuRequest]] = {
     "custom_lib_dir": (HostSpec(lib_dir="/opt/nvidia/lib64", compat32=True), req("0", "compute,compat32")),
     # Beyond the seed: CDI names, management, IMEX, the gated features, graphics/display files.
     "cdi_names": (HostSpec(gpus=2), req("nvidia.com/gpu=1,vendor.com/x=y")),
-    "management": (HostSpec(gpus=2, mig_gpu=1), req("management.nvidia.com/gpu=all", "utility")),
+    "management": (HostSpec(gpus=2, mig_gpu=1), req(MANAGEMENT, "utility", privileged=True)),
+    "management_unprivileged": (HostSpec(gpus=2, mig_gpu=1), req(MANAGEMENT, "utility")),
     "imex_channel": (HostSpec(), req("0", imex=("1",))),
-    "imex_all": (HostSpec(), req("0", imex=("all",))),
+    "imex_all": (HostSpec(), req("0", imex=("all",), privileged=True)),
     "gds_mofed": (HostSpec(), req("0", features=frozenset({"gds", "mofed"}))),
     "gdrcopy_nvswitch": (HostSpec(), req("0", "compute", features=frozenset({"gdrcopy", "nvswitch"}))),
     "vulkan": (HostSpec(gpus=2), req("1", "graphics")),

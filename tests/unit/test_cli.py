@@ -457,7 +457,8 @@ def test_inspect_new_request_forms(host: FakeHost, capsys: pytest.CaptureFixture
     assert "imex channels: 0" in out and "features:      gds" in out
     assert "left to the runtime: example.com/x=y" in out and "/dev/nvidia1  c 195:1" in out
     assert "/dev/nvidia-caps-imex-channels/channel0" in out and "/dev/nvidia-fs0" in out
-    args = ["--env", "NVIDIA_VISIBLE_DEVICES=0", "--device", "/dev/nvidia0"]
+    lib = "--mount", "/x/libcuda.so.1:/usr/lib64/libcuda.so.1"
+    args = ["--env", "NVIDIA_VISIBLE_DEVICES=0", "--device", "/dev/nvidia0", *lib]
     code, out = run_cli(["inspect", *host_args(host.root), "--no-nvml", *args])
     assert code == 0 and "left alone: its spec already has NVIDIA device nodes (/dev/nvidia0)" in out
     code, out = run_cli(["inspect", *host_args(host.root), "--no-nvml", "--annotation", "bad"])

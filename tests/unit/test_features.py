@@ -16,7 +16,7 @@ from nri_plugin.adjust.pipeline import Decision, decide
 from nri_plugin.errors import ContainerError, RequirementError
 from nri_plugin.host.discover import discover
 from nri_plugin.host.model import DriverSnapshot
-from nri_plugin.request.model import HookConfig
+from nri_plugin.request.model import HookConfig, Mount
 from tests.fakehost import BRAND_GEFORCE, BRAND_NVIDIA, FakeHost, FakeMig, build_fake_host, make_gpus
 from tests.fakehost.builder import DRM_MAJOR, FS_MAJOR, drm_card, drm_render
 
@@ -71,11 +71,15 @@ def test_imex_channel(snap: DriverSnapshot) -> None:
 
 
 def test_imex_all_and_cdi_name(snap: DriverSnapshot) -> None:
-    every = run(snap, "NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_IMEX_CHANNELS=all")
+    every = run(snap, "NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_IMEX_CHANNELS=all", privileged=True)
     assert [p for p in nodes(every) if "imex" in p] == [
         "/dev/nvidia-caps-imex-channels/channel0",
         "/dev/nvidia-caps-imex-channels/channel1",
     ]
+    # Deviation 7: all channels only for a privileged container (the toolkit: for none).
+    unprivileged = run(snap, "NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_IMEX_CHANNELS=all")
+    assert not [p for p in nodes(unprivileged) if "imex" in p]
+    assert "NVIDIA_IMEX_CHANNELS=all in an unprivileged container: ignored" in unprivileged.warnings[0]
     cdi = run(snap, "NVIDIA_VISIBLE_DEVICES=nvidia.com/gpu=0,nvidia.com/imex-channel=0")
     assert [p for p in nodes(cdi) if "imex" in p] == ["/dev/nvidia-caps-imex-channels/channel0"]
 
@@ -126,6 +130,30 @@ def test_feature_the_node_lacks_is_a_warning(tmp_path: Path) -> None:
     assert len(decision.warnings) == 1 and decision.warnings[0].startswith("NVIDIA_GDS=enabled, but")
 
 
+@pytest.mark.parametrize(
+    ("name", "numbers", "feature"),
+    [
+        ("nvidia-nvswitchctl", (240, 3), "NVIDIA_NVSWITCH"),  # the control node is minor 255
+        ("nvidia-nvswitch7", (240, 0), "NVIDIA_NVSWITCH"),  # nvswitch<N> is minor N
+        ("infiniband/uverbs5", (231, 7), "NVIDIA_MOFED"),  # uverbs<N> is minor 192 + N
+        ("infiniband/rdma_cm", (10, 232), "NVIDIA_MOFED"),  # /dev/kvm's numbers, not rdma_cm's
+    ],
+)
+def test_feature_node_with_the_wrong_minor_is_refused(
+    tmp_path: Path, name: str, numbers: tuple[int, int], feature: str
+) -> None:
+    host = build_fake_host(tmp_path / "h", gpus=make_gpus(1))
+    planted = host.path(f"/dev/{name}")
+    planted.unlink(missing_ok=True)
+    os.mknod(planted, 0o20666, os.makedev(*numbers))
+    snapshot = discover(host.roots)
+    assert snapshot is not None
+    got = nodes(run(snapshot, "NVIDIA_VISIBLE_DEVICES=0", f"{feature}=enabled"))
+    assert f"/dev/{name}" not in got
+    prefix = f"refused device node /dev/{name}: is {numbers[0]}:{numbers[1]}"
+    assert any(m.startswith(prefix) for m in snapshot.missing), snapshot.missing
+
+
 def test_planted_node_with_another_major_is_refused(tmp_path: Path) -> None:
     host = build_fake_host(tmp_path / "h", gpus=make_gpus(1))
     planted = host.path("/dev/nvidia-fs5")
@@ -135,7 +163,7 @@ def test_planted_node_with_another_major_is_refused(tmp_path: Path) -> None:
     got = nodes(run(snapshot, "NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_GDS=enabled"))
     assert "/dev/nvidia-fs5" not in got and "/dev/nvidia-fs0" in got
     assert any(
-        f"refused device node /dev/nvidia-fs5: has major 1 (major {FS_MAJOR}" in m for m in snapshot.missing
+        f"refused device node /dev/nvidia-fs5: is 1:1 ({FS_MAJOR}:5 expected)" in m for m in snapshot.missing
     )
 
 
@@ -166,6 +194,7 @@ def test_display_gets_xorg_modules(snap: DriverSnapshot) -> None:
     files = mounts(run(snap, "NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DRIVER_CAPABILITIES=display"))
     assert "/usr/lib/xorg/modules/drivers/nvidia_drv.so" in files
     assert "/usr/lib/xorg/modules/extensions/libglxserver_nvidia.so.550.54.14" in files
+    assert "/usr/lib/xorg/modules/extensions/libglxserver_nvidia.so" in files  # the name X.Org loads
     assert "/usr/share/X11/xorg.conf.d/10-nvidia.conf" in files
 
 
@@ -186,11 +215,23 @@ def test_gpu_in_mig_mode_gets_no_drm_nodes(snap: DriverSnapshot) -> None:
 
 
 def test_management_gets_every_nvidia_node(snap: DriverSnapshot) -> None:
-    decision = run(snap, "NVIDIA_VISIBLE_DEVICES=management.nvidia.com/gpu=all")
+    decision = run(snap, "NVIDIA_VISIBLE_DEVICES=management.nvidia.com/gpu=all", privileged=True)
     got = set(nodes(decision))
     assert {"/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia2", "/dev/nvidia-modeset"} <= got
     assert "/dev/nvidia-caps/nvidia-cap1" in got and "/dev/nvidia-caps-imex-channels/channel0" in got
     assert not [p for p in got if "nvidia-fs" in p or "nvswitch" in p]  # their features bring them
+    assert decision.warnings == ()
+
+
+def test_management_unprivileged_withholds_mig_config_monitor_and_imex(snap: DriverSnapshot) -> None:
+    # NVIDIA_MIG_CONFIG_DEVICES needs privilege; a device name must not get around that.
+    decision = run(snap, "NVIDIA_VISIBLE_DEVICES=management.nvidia.com/gpu=all")
+    got = set(nodes(decision))
+    assert {"/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia2"} <= got
+    assert "/dev/nvidia-caps/nvidia-cap1" not in got and "/dev/nvidia-caps/nvidia-cap2" not in got
+    assert not [p for p in got if "imex" in p]
+    assert [p for p in got if p.startswith("/dev/nvidia-caps/")]  # MIG access capabilities stay
+    assert "management.nvidia.com/gpu=all in an unprivileged container" in decision.warnings[0]
 
 
 def test_cdi_name_selects_like_the_plain_id(snap: DriverSnapshot) -> None:
@@ -199,13 +240,31 @@ def test_cdi_name_selects_like_the_plain_id(snap: DriverSnapshot) -> None:
     assert by_name.adjustment == by_id.adjustment and by_name.selection == by_id.selection
 
 
-def test_container_with_nvidia_nodes_is_left_alone(snap: DriverSnapshot) -> None:
-    decision = run(snap, "NVIDIA_VISIBLE_DEVICES=all", device_paths=("/dev/null", "/dev/nvidia0"))
+LIB_MOUNT = Mount("/host/libcuda.so.550.54.14", "/usr/lib/x86_64-linux-gnu/libcuda.so.1")
+
+
+def test_container_served_by_another_injector_is_left_alone(snap: DriverSnapshot) -> None:
+    env = ["NVIDIA_VISIBLE_DEVICES=all"]
+    decision = decide(env, [LIB_MOUNT], False, CFG, snap, device_paths=("/dev/null", "/dev/nvidia0"))
     assert decision.request is not None and decision.left_alone
-    assert "/dev/nvidia0" in decision.left_alone
+    assert "/dev/nvidia0" in decision.left_alone and "libcuda.so.1" in decision.left_alone
     assert not decision.adjustment.devices and not decision.adjustment.mounts
-    # other device nodes do not count
-    assert not run(snap, "NVIDIA_VISIBLE_DEVICES=0", device_paths=("/dev/fuse",)).left_alone
+
+
+@pytest.mark.parametrize(
+    ("privileged", "spec_mounts", "paths"),
+    [
+        (True, [LIB_MOUNT], ("/dev/nvidia0", "/dev/nvidiactl")),  # privileged: every host device
+        (False, [], ("/dev/nvidiactl", "/dev/nvidia0")),  # the device plugin's --pass-device-specs
+        (False, [LIB_MOUNT], ("/dev/fuse",)),  # no NVIDIA node
+    ],
+)
+def test_device_nodes_alone_are_no_evidence(
+    snap: DriverSnapshot, privileged: bool, spec_mounts: list[Mount], paths: tuple[str, ...]
+) -> None:
+    decision = decide(["NVIDIA_VISIBLE_DEVICES=0"], spec_mounts, privileged, CFG, snap, device_paths=paths)
+    assert not decision.left_alone and "/dev/nvidia0" in nodes(decision)
+    assert "/usr/lib64/libcuda.so.1" in mounts(decision)
 
 
 def test_annotations_need_the_key(snap: DriverSnapshot) -> None:
@@ -258,6 +317,17 @@ def test_requirements_walk_devices_in_request_order(snap: DriverSnapshot) -> Non
         run(snap, "NVIDIA_VISIBLE_DEVICES=0,1", *env)
     with pytest.raises(RequirementError, match=r"^NVIDIA_REQUIRE_B='brand=tesla': unsatisfied"):
         run(snap, "NVIDIA_VISIBLE_DEVICES=1,0", *env)
+
+
+def test_unknown_fact_in_one_alternative_does_not_decide_the_or(proc_snap: DriverSnapshot) -> None:
+    # Alternatives are ORed: a later one that holds satisfies it, in either order.
+    for requirement in ("cuda>=12.0 driver>=500", "driver>=500 cuda>=12.0"):
+        run(proc_snap, "NVIDIA_VISIBLE_DEVICES=0", f"NVIDIA_REQUIRE_X={requirement}")
+    # A definitely false term ends its alternative whatever the unknown one would say.
+    with pytest.raises(RequirementError, match="unsatisfied condition: driver>=999"):
+        run(proc_snap, "NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_REQUIRE_X=driver>=999,cuda>=12.0")
+    with pytest.raises(RequirementError, match=r"cannot check the requirement term 'cuda>=12\.0'"):
+        run(proc_snap, "NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_REQUIRE_X=cuda>=12.0 driver>=999")
 
 
 def test_unmet_condition_says_what_the_node_offers(snap: DriverSnapshot) -> None:

@@ -31,6 +31,7 @@ DEVICE_LISTS: dict[str, ListCase] = {
     "cdi mig index pair": ("nvidia.com/gpu=1:0", ("1:0",), False, (), ()),
     "cdi type-index names": ("nvidia.com/gpu=gpu3,nvidia.com/gpu=mig1:2", ("3", "1:2"), False, (), ()),
     "jit-cdi kind": ("runtime.nvidia.com/gpu=2", ("2",), False, (), ()),
+    "device plugin kind": ("k8s.device-plugin.nvidia.com/gpu=GPU-7", ("GPU-7",), False, (), ()),
     "management": ("management.nvidia.com/gpu=all", (), True, (), ()),
     "imex kind": ("nvidia.com/imex-channel=3,nvidia.com/imex-channel=channel4", (), False, ("3", "4"), ()),
     "mixed with plain ids": ("0, nvidia.com/gpu=1 ,GPU-5", ("0", "1", "GPU-5"), False, (), ()),
@@ -62,6 +63,17 @@ def test_cdi_names_in_visible_devices(case: ListCase) -> None:
         foreign,
     )
     assert request.all_devices == ("all" in ids)
+
+
+def test_cdi_none_is_a_gpu_container_without_gpus() -> None:
+    for value in ("runtime.nvidia.com/gpu=none", "nvidia.com/gpu=none"):
+        request = resolve_request([f"NVIDIA_VISIBLE_DEVICES={value}"], [], True)
+        assert request is not None and request.device_ids == () and request.devices_ours
+
+
+def test_foreign_only_list_with_imex_env_is_not_ours() -> None:
+    env = ["NVIDIA_VISIBLE_DEVICES=vendor.com/x=1", "NVIDIA_IMEX_CHANNELS=0"]
+    assert resolve_request(env, [], True) is None
 
 
 def test_foreign_names_are_noted_not_failed() -> None:
@@ -156,6 +168,20 @@ def test_volume_mount_forms(case: tuple[list[str], tuple[str, ...], tuple[str, .
     assert request is not None
     assert request.device_ids == ids and request.imex_ids == imex
     assert request.management == any("management" in d for d in destinations)
+
+
+def test_malformed_cdi_mount_is_skipped_with_a_note() -> None:
+    notes: list[str] = []
+    mounts = [Mount("/dev/null", ROOT + "/cdi/foo"), Mount("/dev/null", ROOT + "/1")]
+    request = resolve_request([], mounts, True, VOL, notes=notes)
+    assert request is not None and request.device_ids == ("1",)
+    assert notes == [f"ignoring a device-list mount: {ROOT}/cdi/foo is not a CDI device name"]
+
+
+def test_annotations_total_size_is_bounded() -> None:
+    ann = {f"cdi.k8s.io/k{i}": "nvidia.com/gpu=0," * 900 for i in range(8)}
+    with pytest.raises(RequestError, match=r"the 8 cdi\.k8s\.io/\* annotations are .* together"):
+        resolve_request([], [], True, ANN, annotations=ann)
 
 
 def test_imex_mounts_alone_are_not_a_device_list() -> None:

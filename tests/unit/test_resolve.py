@@ -316,6 +316,7 @@ def test_full_request_shape() -> None:
         driver_capabilities="compute,video",
         requirements=("cuda>=12.0",),
         disable_require=True,
+        privileged=True,
     )
 
 
