@@ -86,6 +86,12 @@ def plugin_command(
     ]
     if config is not None:
         cmd += ["--config", str(config)]
+    if not any(a.startswith(("--container-ldcache", "--containerd-socket")) for a in extra_args):
+        # The generated ld.so.cache needs containerd's API socket (test_ldcache_e2e.py passes it);
+        # elsewhere it is off, and the state directory never lands in the host's /run.
+        cmd += ["--container-ldcache", "off"]
+    if not any(a.startswith("--state-dir") for a in extra_args):
+        cmd += ["--state-dir", str(log_file.parent / "state")]
     return [*cmd, *extra_args]
 
 

@@ -46,7 +46,21 @@ IMAGE_REFS: Mapping[str, str] = {
     "pause": "docker.io/library/nri-e2e-pause:latest",
     "debian-layout": "docker.io/library/nri-e2e-debian-layout:latest",
     "rhel-layout": "docker.io/library/nri-e2e-rhel-layout:latest",
+    "ldconfig-debian": "docker.io/library/nri-e2e-ldconfig-debian:latest",
+    "ldconfig-rhel": "docker.io/library/nri-e2e-ldconfig-rhel:latest",
+    "compat-newer": "docker.io/library/nri-e2e-compat-newer:latest",
+    "compat-older": "docker.io/library/nri-e2e-compat-older:latest",
+    "hostile-cache-link": "docker.io/library/nri-e2e-hostile-cache-link:latest",
+    "hostile-truncated": "docker.io/library/nri-e2e-hostile-truncated:latest",
 }
+#: Where ``hostile-cache-link``'s ``/etc/ld.so.cache`` points: a path of the *host* (the test puts a
+#: valid cache there) that the image does not have.
+HOST_ONLY_CACHE = "/var/lib/nri-e2e-host-only/ld.so.cache"
+#: The image's own library in ``ldconfig-debian`` (found through ``/etc/ld.so.conf.d/vendor.conf``).
+VENDOR_LIB_DIR = "/opt/vendor/lib"
+#: Compat libcuda versions of ``compat-newer`` / ``compat-older`` (and what their cuDriverGetVersion says).
+COMPAT_NEWER = ("999.10.01", 99000)
+COMPAT_OLDER = ("100.1.1", 10000)
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROBE_SOURCE = Path(__file__).with_name("probe.c")
@@ -296,6 +310,56 @@ def rhel_layout_entries(deps: E2EDeps, probe: Path) -> list[Entry]:
     return entries
 
 
+def _with_ldcache(entries: list[Entry], fmt: str, staging: Path) -> list[Entry]:
+    """``entries`` plus the ``/etc/ld.so.cache`` the host's (static) ``ldconfig -c fmt`` writes
+    for them, and that ``ldconfig`` itself at ``/sbin/ldconfig`` (for ``ldconfig -p`` inside)."""
+    entries = [*entries, f("sbin/ldconfig", Path("/sbin/ldconfig").read_bytes(), 0o755)]
+    staging.mkdir(parents=True, exist_ok=True)
+    unpack_layer(entries, staging)
+    (staging / "var/cache/ldconfig").mkdir(parents=True, exist_ok=True)
+    cmd = ["ldconfig", "-r", str(staging), "-c", fmt]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr}")
+    return [*entries, f("etc/ld.so.cache", (staging / "etc/ld.so.cache").read_bytes())]
+
+
+def _shared(name: str) -> bytes:
+    """A tiny real shared object with SONAME ``name`` (the fake host's driver-library source)."""
+    from tests.fakehost.builder import FAKE_LIB_SOURCE, compile_shared
+
+    return compile_shared(FAKE_LIB_SOURCE, name, [f"-Wl,-soname,{name}"]).read_bytes()
+
+
+def _compat_libcuda(cuda_version: int) -> bytes:
+    """A fake ``libcuda.so.1`` whose cuDriverGetVersion says ``cuda_version``."""
+    from tests.fakehost.builder import build_driver_lib
+
+    return build_driver_lib("libcuda.so.1", cuda_version=cuda_version).read_bytes()
+
+
+def ldconfig_debian_entries(deps: E2EDeps, probe: Path) -> list[Entry]:
+    """debian-layout + an extra ld.so.conf.d directory with the image's own library."""
+    return [
+        *debian_layout_entries(deps, probe),
+        f("etc/ld.so.conf", b"include /etc/ld.so.conf.d/*.conf\n"),
+        f("etc/ld.so.conf.d/vendor.conf", f"{VENDOR_LIB_DIR}\n".encode()),
+        f(f"{VENDOR_LIB_DIR.lstrip('/')}/libvendor.so.1", _shared("libvendor.so.1"), 0o755),
+    ]
+
+
+def compat_entries(deps: E2EDeps, probe: Path, compat: tuple[str, int]) -> list[Entry]:
+    """ldconfig-debian + ``/usr/local/cuda -> cuda-X`` with ``compat/libcuda.so.<version>``."""
+    version, cuda_version = compat
+    lib = f"usr/local/cuda-x/compat/libcuda.so.{version}"
+    return [
+        *ldconfig_debian_entries(deps, probe),
+        ln("usr/local/cuda", "cuda-x"),
+        f(lib, _compat_libcuda(cuda_version), 0o755),
+        ln("usr/local/cuda-x/compat/libcuda.so.1", f"libcuda.so.{version}"),
+    ]
+
+
 @dataclass(frozen=True)
 class BuiltImages:
     """Archive path and image reference per image key (``busybox``, ``pause``, …)."""
@@ -315,6 +379,21 @@ def build_images(deps: E2EDeps, out_dir: Path) -> BuiltImages:
         "debian-layout": (build_layer(debian_layout_entries(deps, probe)), ImageConfig(cmd=("sh",))),
         "rhel-layout": (build_layer(rhel_layout_entries(deps, probe)), ImageConfig(cmd=("sh",))),
     }
+    staging = out_dir / "staging"
+    debian = ldconfig_debian_entries(deps, probe)
+    rhel = [*rhel_layout_entries(deps, probe), f("etc/ld.so.conf", b"/usr/lib64\n")]
+    with_cache = {
+        # the RHEL-layout one in ldconfig's compat format: an old (libc5) section before the new one
+        "ldconfig-debian": _with_ldcache(debian, "new", staging / "debian"),
+        "ldconfig-rhel": _with_ldcache(rhel, "compat", staging / "rhel"),
+        "compat-newer": _with_ldcache(compat_entries(deps, probe, COMPAT_NEWER), "new", staging / "newer"),
+        "compat-older": _with_ldcache(compat_entries(deps, probe, COMPAT_OLDER), "new", staging / "older"),
+    }
+    good_cache = next(e.data for e in with_cache["ldconfig-debian"] if e.path == "etc/ld.so.cache")
+    with_cache["hostile-cache-link"] = [*debian, ln("etc/ld.so.cache", HOST_ONLY_CACHE)]
+    with_cache["hostile-truncated"] = [*debian, f("etc/ld.so.cache", good_cache[: len(good_cache) // 2])]
+    for key, entries in with_cache.items():
+        layers_and_configs[key] = (build_layer(entries), ImageConfig(cmd=("sh",)))
     archives: dict[str, Path] = {}
     for key, (layer, config) in layers_and_configs.items():
         archive = out_dir / f"{key}.oci.tar"
