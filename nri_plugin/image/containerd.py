@@ -23,7 +23,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from nri_plugin.errors import ImageReadError
@@ -33,6 +33,9 @@ MOUNTS_METHOD = "/containerd.services.snapshots.v1.Snapshots/Mounts"
 MAX_RESPONSE = 1 << 20
 _DATA, _HEADERS, _RST, _SETTINGS, _PING, _GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7
 _END_STREAM, _ACK, _END_HEADERS, _PADDED = 0x1, 0x1, 0x4, 0x8
+
+
+MountsFnType = Callable[[str, str, str, str, float], "list[SnapshotMount]"]
 
 
 @dataclass(frozen=True, slots=True)

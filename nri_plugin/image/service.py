@@ -185,6 +185,8 @@ class LoaderService:
                 outcome.path, mount=cache_mount(source), env=outcome.env, detail=outcome.detail
             )
         except ImageReadError as exc:
+            if cancelled is not None and cancelled.is_set():  # the handler already recorded "timeout"
+                return LoaderOutcome("fallback", stage="timeout", reason=str(exc))
             return self.fallback(container_id, mounts, container_env, stage, str(exc))
 
     def fallback(
