@@ -81,6 +81,7 @@ class LoaderService:
         self._mounts_fn = mounts_fn
         self._facts: OrderedDict[tuple[str, ...], ImageFacts] = OrderedDict()
         self._caches: OrderedDict[tuple[object, ...], LoaderCache] = OrderedDict()
+        self._by_plan: OrderedDict[tuple[object, ...], tuple[object, ImageFacts, LoaderCache]] = OrderedDict()
         self._lock = threading.Lock()
 
     # -- memo --------------------------------------------------------------------------------
@@ -127,8 +128,20 @@ class LoaderService:
         """The generated cache for an image given as layer directories, and its outcome (without
         a mount yet); raises :class:`ImageReadError` for a refused image."""
         facts = self.facts_for(layers, budget_s)
-        drivers = driver_records(mounts, snapshot, facts)
-        cache = self.cache_for(layers, facts, drivers, snapshot.driver_version)
+        # The plan's mounts tuple is memoized with the plan: the same object for the same request,
+        # so its driver entries and the finished cache are found by identity, without rehashing.
+        quick = (layers, id(mounts), snapshot.driver_version)
+        with self._lock:
+            hit = self._by_plan.get(quick)
+        if hit is not None and hit[0] is mounts and hit[1] is facts:
+            cache = hit[2]
+        else:
+            drivers = driver_records(mounts, snapshot, facts)
+            cache = self.cache_for(layers, facts, drivers, snapshot.driver_version)
+            with self._lock:
+                self._by_plan[quick] = (mounts, facts, cache)
+                while len(self._by_plan) > CACHE_MEMO:
+                    self._by_plan.popitem(last=False)
         detail: dict[str, object] = {
             "digest": cache.digest,
             "entries": cache.entries,
@@ -180,7 +193,8 @@ class LoaderService:
             stage = "store"
             if cancelled is not None and cancelled.is_set():
                 raise ImageReadError("the image read finished after the CreateContainer budget")
-            source = self.store.put(container_id, cache.digest, cache.data, outcome.record())
+            record = {k: v for k, v in outcome.record().items() if k not in ("stage", "reason")}
+            source = self.store.put(container_id, cache.digest, cache.data, record)
             return LoaderOutcome(
                 outcome.path, mount=cache_mount(source), env=outcome.env, detail=outcome.detail
             )

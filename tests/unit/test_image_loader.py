@@ -152,12 +152,15 @@ def test_a_thousand_containers_churned_leave_no_files(tmp_path: Path) -> None:
     digest = "0" * 64
     for i in range(1000):
         store.put(f"c{i}", digest, data, {"path": "image-cache", "digest": digest})
-    assert len(os.listdir(store.content)) == 1  # one image, one content file
+    assert sorted(os.listdir(store.content)) == [digest, digest + ".json"]  # one image: one file, one record
+    assert store.read_record("c7") == {"path": "image-cache", "digest": digest}
     assert len(store.live()) == 1000
     for i in range(0, 1000, 2):
         assert store.remove(f"c{i}")
     assert store.sync([f"c{i}" for i in range(1, 1000, 4)]) == sorted(f"c{i}" for i in range(3, 1000, 4))
     assert len(store.live()) == 250
+    store = CacheStore(str(tmp_path / "state"))  # a restarted plugin: links found by inode
+    assert store.read_record("c1") == {"path": "image-cache", "digest": digest}
     store.sync([])
     assert os.listdir(store.containers) == [] and os.listdir(store.content) == []
 
@@ -353,7 +356,7 @@ def test_the_same_image_is_read_once(host: FakeHost, tmp_path: Path, monkeypatch
     for i in range(5):
         h.create(f"c{i}")
     assert len(calls) == 1
-    assert len(os.listdir(h.plugin.loader.store.content)) == 1
+    assert len([n for n in os.listdir(h.plugin.loader.store.content) if not n.endswith(".json")]) == 1
 
 
 # --- containerd's API, over a real unix socket -------------------------------------------------
