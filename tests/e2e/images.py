@@ -21,6 +21,20 @@ Images (see :func:`build_images`):
     ``/lib64 -> usr/lib64``, ``/etc/redhat-release``, no ``/usr/lib/x86_64-linux-gnu``, and the
     same ``/usr/bin/gpu-probe`` (same glibc 2.36 as the host, so the binary runs).
 
+``ldconfig-debian`` / ``ldconfig-rhel``
+    debian-layout (plus ``/etc/ld.so.conf.d/vendor.conf`` -> ``/opt/vendor/lib/libvendor.so.1``)
+    and rhel-layout, each with the host's static ``/sbin/ldconfig`` and the ``/etc/ld.so.cache``
+    it writes for them at build time (``ldconfig -r``; the RHEL one in the compat format, with an
+    old section), so ``ldconfig -p`` inside shows what the container's loader sees.
+``compat-newer`` / ``compat-older``
+    ldconfig-debian plus ``/usr/local/cuda -> cuda-x`` with ``compat/libcuda.so.<v>`` (a fake
+    libcuda whose cuDriverGetVersion differs from the host's), major newer/older than the host's.
+``hostile-cache-link`` / ``hostile-truncated``
+    ldconfig-debian's files with ``/etc/ld.so.cache`` a symlink to :data:`HOST_ONLY_CACHE`, or cut
+    in half.
+``python-debian``
+    ldconfig-debian plus the host's Debian ``python3`` and the stdlib files ``ctypes.util`` needs.
+
 ``gpu-probe`` is ``tests/e2e/probe.c`` built with the host ``gcc``; see that file for its output.
 """
 
@@ -29,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import subprocess
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,7 +67,17 @@ IMAGE_REFS: Mapping[str, str] = {
     "compat-older": "docker.io/library/nri-e2e-compat-older:latest",
     "hostile-cache-link": "docker.io/library/nri-e2e-hostile-cache-link:latest",
     "hostile-truncated": "docker.io/library/nri-e2e-hostile-truncated:latest",
+    "python-debian": "docker.io/library/nri-e2e-python-debian:latest",
 }
+#: The host's Debian python3, copied (with the stdlib modules ``import ctypes.util`` and
+#: ``find_library`` load, and their shared libraries) into ``python-debian``.
+HOST_PYTHON = Path("/usr/bin/python3.11")
+_PY_MODULES = (
+    "import ctypes.util, sys\n"
+    "ctypes.util.find_library('c')\n"
+    "files = {getattr(m, '__file__', None) for m in list(sys.modules.values())}\n"
+    "print('\\n'.join(sorted(f for f in files if f)))\n"
+)
 #: Where ``hostile-cache-link``'s ``/etc/ld.so.cache`` points: a path of the *host* (the test puts a
 #: valid cache there) that the image does not have.
 HOST_ONLY_CACHE = "/var/lib/nri-e2e-host-only/ld.so.cache"
@@ -360,6 +385,37 @@ def compat_entries(deps: E2EDeps, probe: Path, compat: tuple[str, int]) -> list[
     ]
 
 
+def _ldd(path: Path) -> list[Path]:
+    out = subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=True).stdout
+    return [Path(m.group(1)) for m in re.finditer(r"=> (/\S+)", out)]
+
+
+def python_entries() -> list[Entry]:
+    """``/usr/bin/python3`` (the host's Debian 3.11) with the stdlib files that ``python3 -c
+    'import ctypes.util; print(ctypes.util.find_library("cuda"))'`` loads, and the shared
+    libraries they need, at the host's paths (a Debian-layout image)."""
+    if not HOST_PYTHON.is_file():
+        raise RuntimeError(f"{HOST_PYTHON} not found: install the Debian package python3.11-minimal")
+    listing = subprocess.run(
+        [str(HOST_PYTHON), "-c", _PY_MODULES], capture_output=True, text=True, check=True, cwd="/"
+    ).stdout.split()
+    files = [Path(p) for p in listing if p.startswith("/usr/lib/python3.11/")]
+    libs: dict[str, Path] = {}
+    for binary in [HOST_PYTHON, *(f for f in files if f.suffix == ".so")]:
+        for lib in _ldd(binary):
+            libs.setdefault(lib.name, lib.resolve())
+    entries = [
+        f("usr/bin/python3.11", HOST_PYTHON.read_bytes(), 0o755),
+        ln("usr/bin/python3", "python3.11"),
+        d("usr/lib/python3.11/lib-dynload"),
+    ]
+    entries += [f(str(p).lstrip("/"), p.read_bytes(), 0o755 if p.suffix == ".so" else 0o644) for p in files]
+    for name, real in sorted(libs.items()):
+        if name not in ("libc.so.6",):  # the image's own (same glibc)
+            entries.append(f(f"lib/x86_64-linux-gnu/{name}", real.read_bytes(), 0o755))
+    return entries
+
+
 @dataclass(frozen=True)
 class BuiltImages:
     """Archive path and image reference per image key (``busybox``, ``pause``, …)."""
@@ -388,6 +444,7 @@ def build_images(deps: E2EDeps, out_dir: Path) -> BuiltImages:
         "ldconfig-rhel": _with_ldcache(rhel, "compat", staging / "rhel"),
         "compat-newer": _with_ldcache(compat_entries(deps, probe, COMPAT_NEWER), "new", staging / "newer"),
         "compat-older": _with_ldcache(compat_entries(deps, probe, COMPAT_OLDER), "new", staging / "older"),
+        "python-debian": _with_ldcache([*debian, *python_entries()], "new", staging / "python"),
     }
     good_cache = next(e.data for e in with_cache["ldconfig-debian"] if e.path == "etc/ld.so.cache")
     with_cache["hostile-cache-link"] = [*debian, ln("etc/ld.so.cache", HOST_ONLY_CACHE)]

@@ -7,7 +7,9 @@ container's *own* ``ldconfig -p`` (the host's static ldconfig, put into the imag
 * Debian layout with an extra ``ld.so.conf.d`` directory and its own library, RHEL layout with a
   cache in ldconfig's compat format (old section first): the driver libraries at the layout's
   directory AND the image's own libraries; ``ctypes.util.find_library("cuda")``'s parse of
-  ``ldconfig -p`` (the same regular expression, applied to the container's output) finds libcuda;
+  ``ldconfig -p`` (the same regular expression, applied to the container's output) finds libcuda,
+  and so does a real ``python3 -c 'import ctypes.util; ...find_library("cuda")'`` in an image
+  that has Python;
 * CUDA forward compat: a newer ``compat/libcuda.so.*`` is what the probe loads, an older one is not;
 * hostile images (cache symlinked to a host path, a truncated cache): the container keeps its GPUs,
   the fallback is logged with its reason, and the host file is never read;
@@ -232,3 +234,20 @@ def test_a_hostile_image_falls_back_and_keeps_its_gpus(
         container_id=result.container_id,
     )
     assert fallback.fields["stage"] == "image" and reason in fallback.fields["reason"], fallback.line
+
+
+def test_python_find_library_finds_the_injected_libcuda(
+    containerd: Containerd, pod: Pod, e2e_images: BuiltImages, plugin: GpuPluginProcess
+) -> None:
+    """The issue's own check, with a real Python in the image (the host's Debian python3)."""
+    script = (
+        'python3 -c \'import ctypes.util; print("FIND", ctypes.util.find_library("cuda"), '
+        'ctypes.util.find_library("nvidia-ml"), ctypes.util.find_library("vendor"))\''
+    )
+    env = {"NVIDIA_VISIBLE_DEVICES": "0"}
+    req = ContainerRequest(e2e_images.refs["python-debian"], ["sh", "-c", script], env=env, name="ld-python")
+    result = run_in_pod(containerd.cri, pod, req)
+    assert result.exit_code == 0, result.log
+    assert "FIND libcuda.so.1 libnvidia-ml.so.1 libvendor.so.1" in result.log, result.log
+    adjusted = plugin.wait_for("GPU container adjusted", container_id=result.container_id)
+    assert adjusted.fields["ldcache"] == "image-cache", adjusted.line
