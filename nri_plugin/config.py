@@ -412,7 +412,6 @@ class Settings:
         convert=_abs_path,
         flag="--state-dir",
         metavar="DIR",
-        effect=Effect.RESTART,
     )
     containerd_socket: str = _string(
         "/run/containerd/containerd.sock",

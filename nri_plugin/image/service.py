@@ -42,6 +42,7 @@ from nri_plugin.image.store import CacheStore
 FACTS_MEMO = 64
 CACHE_MEMO = 256
 MAX_HOST_CALLS = 200_000
+REFUSAL_TTL_S = 60.0
 
 MountsFn = Callable[[str, str, str, str, float], list[SnapshotMount]]
 
@@ -80,6 +81,7 @@ class LoaderService:
         self.store = CacheStore(config.state_dir)
         self._mounts_fn = mounts_fn
         self._facts: OrderedDict[tuple[str, ...], ImageFacts] = OrderedDict()
+        self._refused: OrderedDict[tuple[str, ...], tuple[float, str]] = OrderedDict()
         self._caches: OrderedDict[tuple[object, ...], LoaderCache] = OrderedDict()
         self._by_plan: OrderedDict[tuple[object, ...], tuple[object, ImageFacts, LoaderCache]] = OrderedDict()
         self._lock = threading.Lock()
@@ -87,12 +89,26 @@ class LoaderService:
     # -- memo --------------------------------------------------------------------------------
 
     def facts_for(self, layers: tuple[str, ...], deadline_s: float) -> ImageFacts:
+        """The image's facts, read once per layer list; a refused image is refused from memory
+        for :data:`REFUSAL_TTL_S` (so a hostile or oversized image costs one read per minute,
+        not one per container)."""
+        now = time.monotonic()
         with self._lock:
             hit = self._facts.get(layers)
             if hit is not None:
                 self._facts.move_to_end(layers)
                 return hit
-        facts = read_facts(ImageRoot(layers, Budget.of(MAX_HOST_CALLS, deadline_s)))
+            refused = self._refused.get(layers)
+            if refused is not None and refused[0] > now:
+                raise ImageReadError(refused[1])
+        try:
+            facts = read_facts(ImageRoot(layers, Budget.of(MAX_HOST_CALLS, deadline_s)))
+        except ImageReadError as exc:
+            with self._lock:
+                self._refused[layers] = (now + REFUSAL_TTL_S, str(exc))
+                while len(self._refused) > FACTS_MEMO:
+                    self._refused.popitem(last=False)
+            raise
         with self._lock:
             self._facts[layers] = facts
             while len(self._facts) > FACTS_MEMO:

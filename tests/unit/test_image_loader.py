@@ -502,3 +502,30 @@ def test_layer_dirs_refusals(mounts: list[SnapshotMount], match: str) -> None:
 
 def test_loader_config_defaults() -> None:
     assert LoaderConfig() == LoaderService(LoaderConfig()).config
+
+
+def test_a_refused_image_is_refused_from_memory(
+    host: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nri_plugin.image import service
+
+    layer = image_layer(tmp_path)
+    (layer / "etc/ld.so.cache").write_bytes(b"glibc-ld.so.cache1.1 but truncated")
+    calls: list[int] = []
+    real = service.read_facts  # type: ignore[attr-defined]
+
+    def counting(root: object) -> object:
+        calls.append(1)
+        return real(root)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service, "read_facts", counting)
+    h = Harness(host, tmp_path / "state", overlay(layer))
+    for i in range(3):
+        h.create(f"c{i}")
+    assert len(calls) == 1
+    assert h.metrics.ldcache_events == [("fallback", "image")] * 3
+    refused = h.plugin.loader._refused
+    for key, (_expires, message) in list(refused.items()):
+        refused[key] = (0.0, message)  # REFUSAL_TTL_S has passed: the image is read again
+    h.create("c9")
+    assert len(calls) == 2
