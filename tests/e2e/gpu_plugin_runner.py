@@ -237,7 +237,11 @@ class GpuPluginProcess:
             proc.wait(10)
 
     def __enter__(self) -> GpuPluginProcess:
+        """Started, registered AND with its first discovery done: the daemon registers after at
+        most 0.5 s of discovery, and on a loaded machine a GPU create could otherwise meet the
+        by-design "discovery still in progress" refusal (tests of that use :meth:`start`)."""
         self.start()
+        self.wait_for("host driver discovered", count=self.starts, timeout=30)
         return self
 
     def __exit__(self, *exc: object) -> None:
