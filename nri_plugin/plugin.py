@@ -63,6 +63,7 @@ def loader_config(settings: Settings) -> LoaderConfig:
         snapshotter=settings.snapshotter,
         timeout=settings.image_read_timeout,
         compat=compat_enabled(settings.cuda_compat_mode, settings.allow_cuda_compat_libs_from_container),
+        read_root=settings.host_root,
     )
 
 

@@ -36,6 +36,7 @@ _END_STREAM, _ACK, _END_HEADERS, _PADDED = 0x1, 0x1, 0x4, 0x8
 
 
 MountsFnType = Callable[[str, str, str, str, float], "list[SnapshotMount]"]
+"""``snapshot_mounts``'s signature: (address, namespace, snapshotter, key, timeout) -> mounts."""
 
 
 @dataclass(frozen=True, slots=True)

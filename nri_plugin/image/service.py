@@ -16,10 +16,11 @@ or ``fallback``), the stage that failed and why; the plugin logs it, counts it
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from nri_plugin.adjust import (
@@ -34,7 +35,7 @@ from nri_plugin.adjust import (
 )
 from nri_plugin.errors import ImageReadError
 from nri_plugin.host import CacheRecord, DriverSnapshot
-from nri_plugin.image.containerd import SnapshotMount, layer_dirs, snapshot_mounts
+from nri_plugin.image.containerd import MountsFnType, layer_dirs, snapshot_mounts
 from nri_plugin.image.rootfs import Budget, ImageRoot
 from nri_plugin.image.scan import read_facts
 from nri_plugin.image.store import CacheStore
@@ -44,7 +45,7 @@ CACHE_MEMO = 256
 MAX_HOST_CALLS = 200_000
 REFUSAL_TTL_S = 60.0
 
-MountsFn = Callable[[str, str, str, str, float], list[SnapshotMount]]
+MountsFn = MountsFnType
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,7 @@ class LoaderConfig:
     snapshotter: str = "overlayfs"
     timeout: float = 0.5
     compat: bool = True  # cuda forward compat enabled (config.compat_enabled)
+    read_root: str = "/"  # where the host's / is in this process's view (nri-plugin.host-root)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +205,8 @@ class LoaderService:
                 cfg.containerd_socket, cfg.namespace, cfg.snapshotter, container_id, cfg.timeout
             )
             layers = layer_dirs(snap_mounts)
+            if cfg.read_root != "/":  # containerd names host paths; read them where they are here
+                layers = tuple(os.path.join(cfg.read_root, d.lstrip("/")) for d in layers)
             stage = "image"
             left = max(0.01, cfg.timeout - (time.monotonic() - t0))
             cache, outcome = self.evaluate(layers, mounts, container_env, snapshot, left)

@@ -5,6 +5,7 @@ metric, cleanup) and the minimal HTTP/2 client against an in-process server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -529,3 +530,25 @@ def test_a_refused_image_is_refused_from_memory(
         refused[key] = (0.0, message)  # REFUSAL_TTL_S has passed: the image is read again
     h.create("c9")
     assert len(calls) == 2
+
+
+def test_layers_are_read_under_the_host_root(host: FakeHost, tmp_path: Path) -> None:
+    """In a pod with the host's / at /host, containerd's host paths are read below it."""
+    layer = image_layer(tmp_path / "host-view" / "var/lib/containerd/snap")
+    seen: list[tuple[str, ...]] = []
+    h = Harness(host, tmp_path / "state", overlay(Path("/var/lib/containerd/snap/image")))
+    h.plugin.loader = LoaderService(
+        dataclasses.replace(h.plugin.loader.config, read_root=str(tmp_path / "host-view")),
+        mounts_fn=overlay(Path("/var/lib/containerd/snap/image")),
+    )
+    real = h.plugin.loader.facts_for
+
+    def spy(layers: tuple[str, ...], budget: float) -> ImageFacts:
+        seen.append(layers)
+        return real(layers, budget)
+
+    h.plugin.loader.facts_for = spy  # type: ignore[method-assign, assignment]
+    h.plugin.loader.store.prepare()
+    adj = h.create("c1")
+    assert seen == [(str(layer),)]
+    assert "/etc/ld.so.cache" in {m.destination for m in adj.mounts}
