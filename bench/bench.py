@@ -8,10 +8,14 @@ One invocation measures, on a private containerd started here (``tests/e2e`` tes
 
 * CRI ``CreateContainer`` latency, client side, for
   (a) NRI enabled and no plugin connected, (b) this plugin and a non-GPU container,
-  (c) this plugin and a GPU container (``NVIDIA_VISIBLE_DEVICES=all``: 8 GPUs);
-  ``n`` runs of each, spread over ``rounds`` rounds. Each round runs phase "no plugin" and phase
-  "plugin" in random order, and inside the plugin phase the (b)/(c) creates are shuffled, so slow
-  drift of the machine affects all cases alike. The first create of each phase is not counted.
+  (c) this plugin and a GPU container (``NVIDIA_VISIBLE_DEVICES=all``: 8 GPUs),
+  (d) the same in a Debian-layout image with its own ``ld.so.cache`` -- (c) and (d) with the
+  generated per-container ``ld.so.cache`` (``container-ldcache = auto``: a ``Snapshots.Mounts``
+  call to containerd per container, the image read once), (e)/(f) the same two with it ``off``;
+  ``n`` runs of each, spread over ``rounds`` rounds. Each round runs phase "no plugin", phase
+  "plugin" and phase "plugin, ldcache off" in random order, and inside a plugin phase the creates
+  are shuffled, so slow drift of the machine affects all cases alike. The first create of each
+  phase is not counted.
   Every container is removed right after it was measured (removal is not timed).
 * The plugin daemon (``python -m nri_plugin run``, a fresh process per round): time from
   ``exec`` to registered (the daemon's ``registered`` log line), its own ``startup_ms``, and its
@@ -19,8 +23,11 @@ One invocation measures, on a private containerd started here (``tests/e2e`` tes
 * The CreateContainer handler in process: the exact ``CreateContainerRequest`` bytes containerd
   sent for a (b) and a (c) container (captured by a throw-away recording plugin) timed through
   ``GpuPlugin.create_container`` alone and with protobuf decode + encode around it, as the stub
-  does; plus the daemon-logged handling time (``ms=``) of every real GPU create, and the
-  ``nri_gpu_create_container_seconds`` histogram from the metrics endpoint as a cross-check.
+  does; the GPU request again with the generated ``ld.so.cache`` on and off, interleaved (the
+  snapshot's layers are the Debian-layout image unpacked, handed over by a stand-in for the
+  containerd call, whose real cost is in (c)-(f)); plus the daemon-logged handling time (``ms=``)
+  of every real GPU create, and the ``nri_gpu_create_container_seconds`` histogram from the
+  metrics endpoint as a cross-check.
 
 It prints one plain-text report (also written to ``--output`` when given).
 """
@@ -52,6 +59,7 @@ from nri_plugin import logs  # noqa: E402
 from nri_plugin.adjust import pipeline  # noqa: E402
 from nri_plugin.adjust.build import plan  # noqa: E402
 from nri_plugin.errors import ContainerError  # noqa: E402
+from nri_plugin.image import SnapshotMount  # noqa: E402
 from nri_plugin.plugin import GpuPlugin  # noqa: E402
 from nri_plugin.request.model import GpuRequest  # noqa: E402
 from nri_plugin.wire._gen import api_pb2 as api  # noqa: E402
@@ -59,7 +67,7 @@ from nri_plugin.wire.stub import Plugin  # noqa: E402
 from tests.e2e.containerd import Containerd  # noqa: E402
 from tests.e2e.cri import ContainerRequest, CriClient, Pod, load_cri  # noqa: E402
 from tests.e2e.deps import E2EDeps  # noqa: E402
-from tests.e2e.images import build_images  # noqa: E402
+from tests.e2e.images import BuiltImages, build_images  # noqa: E402
 from tests.e2e.nri_test_plugin import PluginThread  # noqa: E402
 from tests.e2e.test_robustness_e2e import PluginDaemon  # noqa: E402
 from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus  # noqa: E402
@@ -68,10 +76,30 @@ CASES = {
     "a": "(a) NRI on, no plugin",
     "b": "(b) plugin, non-GPU container",
     "c": "(c) plugin, GPU container (all = 8 GPUs)",
+    "d": "(d) plugin, GPU, Debian image with ld.so.cache",
+    "e": "(e) = (c), container-ldcache off",
+    "f": "(f) = (d), container-ldcache off",
 }
+LDCACHE_OFF = {"e": "c", "f": "d"}  # the cases of the "ldcache off" phase, and their twins
 LOG_TS_RE = re.compile(r"^ts=(\S+) .*\bmsg=registered\b", re.M)
 STARTUP_RE = re.compile(r'msg="ready to register".*\bstartup_ms=(\d+)')
 HANDLER_MS_RE = re.compile(r'msg="GPU container adjusted".*\bms=([0-9.]+)')
+
+
+def unpack_image(images: BuiltImages, key: str, dest: Path) -> None:
+    """Extract the one layer of the test image ``key`` (our own archive) into ``dest``."""
+    import io
+    import json
+    import tarfile
+
+    with tarfile.open(images.archives[key]) as outer:
+        manifest_file = outer.extractfile("manifest.json")
+        assert manifest_file is not None
+        layer = outer.extractfile(json.load(manifest_file)[0]["Layers"][0])
+        assert layer is not None
+        data = layer.read()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(dest, filter="fully_trusted")
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -118,6 +146,9 @@ def host_layer(host: FakeHost) -> cfg.Layer:
             "nri-plugin.proc-root": f"{r}/proc",
             "nri-plugin.sys-root": f"{r}/sys",
             "nri-plugin.run-root": r,
+            # the in-process GPU cases time the pipeline; the generated ld.so.cache is timed
+            # separately, on and off interleaved (ld-on / ld-off)
+            "nri-plugin.container-ldcache": "off",
         }
     )
 
@@ -175,8 +206,10 @@ class Bench:
         return self.ctrd.cri
 
     def request(self, case: str, name: str) -> ContainerRequest:
-        env = {"NVIDIA_VISIBLE_DEVICES": "all"} if case == "c" else {}
-        return ContainerRequest(image=self.images.refs["busybox"], command=["true"], env=env, name=name)
+        case = LDCACHE_OFF.get(case, case)
+        env = {"NVIDIA_VISIBLE_DEVICES": "all"} if case in ("c", "d") else {}
+        image = self.images.refs["ldconfig-debian" if case == "d" else "busybox"]
+        return ContainerRequest(image=image, command=["true"], env=env, name=name)
 
     def create_timed(self, pod: Pod, case: str, name: str) -> float:
         t0 = time.perf_counter()
@@ -191,9 +224,11 @@ class Bench:
             self.latency[case].append(self.create_timed(pod, case, f"{case}-{tag}-{i}"))
 
     @contextlib.contextmanager
-    def daemon(self, tag: str) -> Iterator[PluginDaemon]:
+    def daemon(self, tag: str, *, ldcache: bool = True) -> Iterator[PluginDaemon]:
         log = self.work / f"plugin-{tag}.log"
-        d = PluginDaemon(self.ctrd.nri_socket, self.host.root, log)
+        extra = ["--containerd-socket", str(self.ctrd.address), "--state-dir", str(self.work / "state")]
+        extra += ["--container-ldcache", "auto" if ldcache else "off"]
+        d = PluginDaemon(self.ctrd.nri_socket, self.host.root, log, extra_args=extra)
         wall0 = time.time()
         d.start()
         try:
@@ -237,17 +272,18 @@ class Bench:
         rounds, n = self.args.rounds, self.args.n
         per_round = [n // rounds + (1 if r < n % rounds else 0) for r in range(rounds)]
         for r, count in enumerate(per_round):
-            phases = ["none", "plugin"]
+            phases = ["none", "plugin", "plugin-off"]
             self.rng.shuffle(phases)
             for phase in phases:
                 if phase == "none":
                     time.sleep(0.3)  # let containerd notice a plugin that just went away
                     self.run_phase(pod, ["a"] * count, f"r{r}")
                 else:
-                    with self.daemon(f"r{r}"):
-                        cases = ["b"] * count + ["c"] * count
+                    on = phase == "plugin"
+                    with self.daemon(f"r{r}{'' if on else '-off'}", ldcache=on):
+                        cases = (["b", "c", "d"] if on else ["e", "f"]) * count
                         self.rng.shuffle(cases)
-                        self.run_phase(pod, cases, f"r{r}")
+                        self.run_phase(pod, cases, f"r{r}{'' if on else '-off'}")
             print(f"  round {r + 1}/{rounds} done", file=sys.stderr)
 
     def in_process(self, requests: dict[str, bytes]) -> dict[str, list[float]]:
@@ -277,6 +313,15 @@ class Bench:
                 *(f"NVIDIA_REQUIRE_{c}=" + "cuda>=1.0," * 819 for c in "ABCD"),
             ],
         )
+
+        ldcache_plugins = self.ldcache_plugins(logger)
+        gpu_debian = with_env(gpu, ["NVIDIA_VISIBLE_DEVICES=all"])
+
+        async def once_with(p: GpuPlugin, payload: bytes) -> float:
+            decoded = api.CreateContainerRequest.FromString(payload)
+            t0 = time.perf_counter()
+            await p.create_container(decoded.pod, decoded.container)
+            return (time.perf_counter() - t0) * 1e6
 
         async def once(payload: bytes, full: bool) -> float:
             t0 = time.perf_counter()
@@ -312,6 +357,15 @@ class Bench:
                 finally:
                     pipeline.verify_plan = real
             out["c-pins"], out["c-nopins"] = with_pins, without
+            # The generated ld.so.cache: the same GPU request, loader on and off, interleaved
+            # (the snapshot's layers come from a stand-in for the Snapshots.Mounts call).
+            loader_on, loader_off = ldcache_plugins
+            on_times: list[float] = []
+            off_times: list[float] = []
+            for _ in range(n):
+                on_times.append(await once_with(loader_on, gpu_debian))
+                off_times.append(await once_with(loader_off, gpu_debian))
+            out["ld-on"], out["ld-off"] = on_times, off_times
             snap = plugin.driver.snapshot()
             assert snap is not None
             chosen = plan(GpuRequest("all", "", "", "utility,compute", (), False), snap)
@@ -321,11 +375,39 @@ class Bench:
         logger.close()
         return out
 
+    def ldcache_plugins(self, logger: logs.Logger) -> tuple[GpuPlugin, GpuPlugin]:
+        """Two in-process plugins, the generated ld.so.cache on and off; the "snapshot" is the
+        Debian-layout image with its own ld.so.cache, unpacked once."""
+        layer = self.work / "debian-layer"
+        if not layer.exists():
+            unpack_image(self.images, "ldconfig-debian", layer)
+
+        def mounts(
+            address: str, namespace: str, snapshotter: str, key: str, timeout: float
+        ) -> list[SnapshotMount]:
+            return [SnapshotMount("overlay", "overlay", (f"lowerdir={layer}",))]
+
+        out = []
+        for mode in ("auto", "off"):
+            flags = cfg.Layer(
+                "bench",
+                {
+                    **host_layer(self.host).values,
+                    "container_ldcache": mode,
+                    "state_dir": str(self.work / f"inproc-state-{mode}"),
+                },
+            )
+            p = GpuPlugin(file_layer=cfg.Layer("bench"), flag_layer=flags, logger=logger, mounts_fn=mounts)
+            p.driver.refresh()
+            p.loader.store.prepare()
+            out.append(p)
+        return out[0], out[1]
+
     def run(self) -> str:
         started = dt.datetime.now(dt.UTC)
         self.ctrd.start()
         try:
-            for key in ("busybox", "pause"):
+            for key in ("busybox", "pause", "ldconfig-debian"):
                 self.ctrd.import_image(self.images.archives[key])
             with self.cri.pod("bench") as pod:
                 requests = self.capture_requests(pod)
@@ -373,6 +455,8 @@ class Bench:
             "h-limits-full": "(h) hostile, at limits: 8190 ids, 32 KiB reqs, decode+all",
             "c-pins": "(c) handler, interleaved: pins re-checked",
             "c-nopins": "(c) handler, interleaved: pin check off",
+            "ld-on": "(d) handler, interleaved: ld.so.cache generated",
+            "ld-off": "(d) handler, interleaved: container-ldcache off",
         }
         for key, label in labels.items():
             xs = inproc[key]
@@ -386,6 +470,23 @@ class Bench:
             f"{p50_on - p50_off:+.1f} us (x{p50_on / p50_off:.2f}), "
             f"p99 x{quantile(on, 0.99) / quantile(off, 0.99):.2f}"
         )
+        ld_on, ld_off = inproc["ld-on"], inproc["ld-off"]
+        lines.append(
+            f"  generated ld.so.cache: cost p50 {quantile(ld_on, 0.5) - quantile(ld_off, 0.5):+.1f} us "
+            f"(x{quantile(ld_on, 0.5) / quantile(ld_off, 0.5):.2f}), p99 "
+            f"x{quantile(ld_on, 0.99) / quantile(ld_off, 0.99):.2f} (image read once, then memoized; "
+            "per container: a hard link, a JSON record, a worker-thread hop)"
+        )
+        for on_key, off_key in (("c", "e"), ("d", "f")):
+            on_med, off_med = (
+                statistics.median(self.latency[on_key]),
+                statistics.median(self.latency[off_key]),
+            )
+            lines.append(
+                f"  CRI ratio {CASES[on_key][:3]}/{CASES[off_key][:3]} (ld.so.cache on/off): "
+                f"median x{on_med / off_med:.2f}, "
+                f"p90 x{quantile(self.latency[on_key], 0.9) / quantile(self.latency[off_key], 0.9):.2f}"
+            )
         sizes = {k: len(v) for k, v in requests.items()}
         lines.append(f"  request sizes: (b) {sizes['b']} B, (c) {sizes['c']} B")
         if self.logged_ms:

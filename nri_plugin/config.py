@@ -407,6 +407,70 @@ class Settings:
         run_only=True,
         effect=Effect.WATCH,
     )
+    # --- the container's loader cache (ld.so.cache) and CUDA forward compat -------------------
+    container_ldcache: str = _string(
+        "auto",
+        key="nri-plugin.container-ldcache",
+        help="generate each GPU container's /etc/ld.so.cache from its image (auto) or not (off)",
+        convert=_choice(("auto", "off")),
+        flag="--container-ldcache",
+        choices=("auto", "off"),
+        run_only=True,
+    )
+    state_dir: str = _string(
+        "/run/nvidia-nri-plugin",
+        key="nri-plugin.state-dir",
+        help="host directory for the generated per-container files (default /run/nvidia-nri-plugin)",
+        convert=_abs_path,
+        flag="--state-dir",
+        metavar="DIR",
+    )
+    containerd_socket: str = _string(
+        "/run/containerd/containerd.sock",
+        key="nri-plugin.containerd-socket",
+        help="containerd's gRPC API socket (its grpc.address), to find a container's snapshot",
+        convert=_abs_path,
+        flag="--containerd-socket",
+        metavar="PATH",
+        run_only=True,
+    )
+    containerd_namespace: str = _string(
+        "k8s.io",
+        key="nri-plugin.containerd-namespace",
+        help="containerd namespace of the CRI containers (default k8s.io)",
+        convert=_name,
+        run_only=True,
+    )
+    snapshotter: str = _string(
+        "overlayfs",
+        key="nri-plugin.snapshotter",
+        help="containerd's CRI snapshotter (default overlayfs; native also works)",
+        convert=_name,
+        run_only=True,
+    )
+    image_read_timeout: float = _setting(
+        0.5,
+        key="nri-plugin.image-read-timeout",
+        type_name="a number of seconds",
+        check=_is_number,
+        convert=_interval,
+        help="time budget for reading a new image's loader files (default 0.5; containerd waits 2 s)",
+        run_only=True,
+    )
+    cuda_compat_mode: str = _string(
+        "ldconfig",
+        key="nvidia-container-runtime.modes.legacy.cuda-compat-mode",
+        help="CUDA forward compat from the image: ldconfig (default), mount or hook (all: through the "
+        "generated cache), disabled; empty = follow features.allow-cuda-compat-libs-from-container",
+        convert=_choice(("ldconfig", "mount", "hook", "disabled", "")),
+        toolkit=True,
+    )
+    allow_cuda_compat_libs_from_container: bool = _boolean(
+        False,
+        key="features.allow-cuda-compat-libs-from-container",
+        help="with an empty cuda-compat-mode: use the image's CUDA forward-compat libraries",
+        toolkit=True,
+    )
     hook: HookConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -565,7 +629,7 @@ def layer_from_mapping(doc: Mapping[str, object], source: str) -> Layer:
                         f"(only {', '.join(used)} are used by this plugin)"
                     )
         elif key in _IGNORED_TABLES:
-            ignored.append(key)
+            _take_nested(doc, key, source, take, ignored)
         elif key == OWN_TABLE:
             for sub, subval in _table(doc, key, source).items():
                 dotted = f"{key}.{sub}"
@@ -581,6 +645,26 @@ def layer_from_mapping(doc: Mapping[str, object], source: str) -> Layer:
                 f"({', '.join(_keys_of(''))}, [{TOOLKIT_CLI_TABLE}], ...) or the [{OWN_TABLE}] table"
             )
     return Layer(source, values, tuple(ignored))
+
+
+def _take_nested(
+    doc: Mapping[str, object], key: str, source: str, take: Callable[[str, object], None], ignored: list[str]
+) -> None:
+    """A toolkit table we mostly ignore: its keys we declare (nested, dotted) are taken."""
+    wanted = [k for k in _BY_KEY if k.startswith(key + ".")]
+    if not wanted:
+        ignored.append(key)
+        return
+    for dotted in wanted:
+        node: object = doc
+        for part in dotted.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
+        if node is not _MISSING:
+            take(dotted, node)
+    ignored.append(key)
+
+
+_MISSING = object()
 
 
 def parse_toml(text: str, source: str) -> Layer:
@@ -634,11 +718,11 @@ def layer_from_flags(values: Mapping[str, object | None]) -> Layer:
     for dotted, value in values.items():
         if value is None:
             continue
-        table, _, key = dotted.rpartition(".")
-        if table:
-            doc.setdefault(table, {})[key] = value
-        else:
-            doc[key] = value
+        *tables, key = dotted.split(".")
+        node = doc
+        for table in tables:
+            node = node.setdefault(table, {})
+        node[key] = value
     return layer_from_mapping(doc, "command line")
 
 

@@ -71,3 +71,8 @@ class HostDiscoveryError(NriPluginError):
 
 class ProtocolError(NriPluginError):
     """The peer violated the NRI/ttrpc/mux wire protocol; the connection is closed."""
+
+
+class ImageReadError(NriPluginError):
+    """A container's image could not be read (or was refused) for its loader cache: the container
+    keeps today's adjustment without the generated ``/etc/ld.so.cache`` (the fallback)."""

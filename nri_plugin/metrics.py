@@ -34,6 +34,7 @@ class Metrics(Protocol):
     def failed(self, reason: str, seconds: float) -> None: ...
     def skipped(self, seconds: float) -> None: ...
     def unadjusted(self, count: int) -> None: ...
+    def ldcache(self, path: str, stage: str) -> None: ...
     def close(self) -> None: ...
 
     @property
@@ -61,6 +62,9 @@ class NullMetrics:
         pass
 
     def unadjusted(self, count: int) -> None:
+        pass
+
+    def ldcache(self, path: str, stage: str) -> None:
         pass
 
     def close(self) -> None:
@@ -168,6 +172,14 @@ class PrometheusMetrics:
             "Synchronize (created while the plugin was not registered: NRI fails open)",
             registry=self.registry,
         )
+        self._ldcache = Counter(
+            "nri_gpu_ldcache",
+            "GPU containers by how their /etc/ld.so.cache was made: path image-cache or image-dirs "
+            "(generated), or fallback with the stage that failed (containerd, image, store, timeout, "
+            "internal)",
+            ["path", "stage"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(stub_counts, snapshot))
         self._server: Any = None
         self._thread: Any = None
@@ -199,6 +211,9 @@ class PrometheusMetrics:
 
     def unadjusted(self, count: int) -> None:
         self._unadjusted.set(count)
+
+    def ldcache(self, path: str, stage: str) -> None:
+        self._ldcache.labels(path=path, stage=stage).inc()
 
     def close(self) -> None:
         if self._server is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,10 +17,11 @@ from typing import Any
 from nri_plugin import config as cfg
 from nri_plugin import logs
 from nri_plugin import metrics as metrics_mod
-from nri_plugin.adjust import EMPTY_SELECTION, decide
+from nri_plugin.adjust import EMPTY_SELECTION, Decision, compat_enabled, decide
 from nri_plugin.config import Effect, Layer, Settings
 from nri_plugin.errors import ConfigError, ContainerError, DriverChangedError
 from nri_plugin.host import HostDriver
+from nri_plugin.image import LoaderConfig, LoaderOutcome, LoaderService, MountsFn
 from nri_plugin.notify import Notifier
 from nri_plugin.request import container_annotations, device_paths, request_inputs
 from nri_plugin.wire import Plugin, api
@@ -46,6 +48,25 @@ def discover_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
+LIBCUDA_ENV_PREFIXES = ("NVIDIA_CTK_LIBCUDA_DIR=", "TRITON_LIBCUDA_PATH=")
+# Past the image read's own budget, how long CreateContainer still waits for the worker thread.
+LOADER_GRACE_S = 0.25
+
+
+def loader_config(settings: Settings) -> LoaderConfig:
+    """The container-ldcache settings as the loader service's config."""
+    return LoaderConfig(
+        enabled=settings.container_ldcache != "off",
+        state_dir=settings.state_dir,
+        containerd_socket=settings.containerd_socket,
+        namespace=settings.containerd_namespace,
+        snapshotter=settings.snapshotter,
+        timeout=settings.image_read_timeout,
+        compat=compat_enabled(settings.cuda_compat_mode, settings.allow_cuda_compat_libs_from_container),
+        read_root=settings.host_root,
+    )
+
+
 def make_sink(settings: Settings, launched: bool) -> logs.Sink:
     if launched:
         return logs.launched_sink(settings.log_file, settings.log_format)
@@ -67,6 +88,7 @@ class GpuPlugin(Plugin):
         launched: bool = False,
         driver_factory: Callable[[Settings], HostDriver] = make_driver,
         stub_counts: Callable[[], metrics_mod.StubCounts] = metrics_mod.StubCounts,
+        mounts_fn: MountsFn | None = None,
     ) -> None:
         super().__init__()
         self._file_layer = file_layer
@@ -82,6 +104,13 @@ class GpuPlugin(Plugin):
         self._watch_task: asyncio.Task[None] | None = None
         self._deferred_report: asyncio.Task[None] | None = None
         self.runtime = ""
+        self._mounts_fn = mounts_fn
+        self.loader = self._make_loader(self.settings)
+
+    def _make_loader(self, settings: Settings) -> LoaderService:
+        if self._mounts_fn is None:
+            return LoaderService(loader_config(settings))
+        return LoaderService(loader_config(settings), mounts_fn=self._mounts_fn)
 
     # -- lifecycle (called by cli.run) ---------------------------------------------------------
 
@@ -145,6 +174,20 @@ class GpuPlugin(Plugin):
         """Start the driver watch and (if configured) the metrics endpoint; needs a running loop."""
         self._start_watch()
         self._ensure_metrics()
+        self._prepare_state()
+
+    def _prepare_state(self) -> None:
+        if not self.loader.config.enabled:
+            return
+        try:
+            self.loader.store.prepare()
+        except OSError as e:
+            self.log.error(
+                "cannot create the state directory; GPU containers keep their image's ld.so.cache "
+                "(fix nri-plugin.state-dir)",
+                state_dir=self.loader.config.state_dir,
+                error=str(e),
+            )
 
     def _start_watch(self) -> None:
         if self._watch_task is not None:
@@ -238,6 +281,10 @@ class GpuPlugin(Plugin):
             self._start_watch()
         if self._watch_task is not None or self.metrics.address:
             self._ensure_metrics()
+        if loader_config(new) != self.loader.config:
+            self.loader = self._make_loader(new)
+            if self._watch_task is not None:
+                self._prepare_state()
 
     async def create_container(
         self, pod: api.PodSandbox, container: api.Container
@@ -288,6 +335,9 @@ class GpuPlugin(Plugin):
                     self.log.debug("no GPU requested", **_who(pod, container))
                 return api.CreateContainerResponse()
             response = api.CreateContainerResponse(adjust=decision.message())
+            outcome = await self._loader_outcome(container, env, decision)
+            if outcome is not None:
+                _apply_outcome(response.adjust, outcome)
         except ContainerError as e:
             elapsed = time.perf_counter() - t0
             self.metrics.failed(type(e).__name__, elapsed)
@@ -327,9 +377,63 @@ class GpuPlugin(Plugin):
             mounts=len(adj.mounts),
             env=len(adj.env),
             hooks=len(adj.create_container_hooks),
+            ldcache=outcome.path if outcome is not None else "off",
             ms=round(elapsed * 1000, 3),
         )
         return response
+
+    async def _loader_outcome(
+        self, container: api.Container, env: list[str], decision: Decision
+    ) -> LoaderOutcome | None:
+        """The generated ld.so.cache (or the fallback) for a GPU container; None when off."""
+        loader, snap = self.loader, self.driver.snapshot()
+        if not loader.config.enabled or decision.plan is None or snap is None:
+            return None
+        mounts = decision.adjustment.mounts
+        own = {e.split("=", 1)[0]: e.split("=", 1)[1] for e in env if e.startswith(LIBCUDA_ENV_PREFIXES)}
+        cancelled = threading.Event()
+        try:
+            outcome = await asyncio.wait_for(
+                asyncio.to_thread(loader.prepare, container.id, mounts, own, snap, cancelled),
+                loader.config.timeout + LOADER_GRACE_S,
+            )
+        except TimeoutError:
+            cancelled.set()
+            reason = (
+                f"the image was not read within nri-plugin.image-read-timeout ({loader.config.timeout:g} s)"
+            )
+            outcome = loader.fallback(container.id, mounts, own, "timeout", reason)
+        except Exception as e:  # a bug must not fail the container: it still gets its GPUs
+            self.log.exception(
+                "internal error generating the container's ld.so.cache", e, container_id=container.id
+            )
+            outcome = loader.fallback(container.id, mounts, own, "internal", f"{type(e).__name__}: {e}")
+        self.metrics.ldcache(outcome.path, outcome.stage)
+        if outcome.path == "fallback":
+            self.log.warning(
+                "container ld.so.cache not generated; the container keeps its image's cache",
+                container=container.name,
+                container_id=container.id,
+                stage=outcome.stage,
+                reason=outcome.reason,
+            )
+        return outcome
+
+    async def stop_container(
+        self, pod: api.PodSandbox, container: api.Container
+    ) -> api.StopContainerResponse:
+        self._forget(container)
+        return api.StopContainerResponse()
+
+    async def remove_container(self, pod: api.PodSandbox, container: api.Container) -> None:
+        self._forget(container)
+
+    def _forget(self, container: api.Container) -> None:
+        try:
+            if self.loader.remove(container.id):
+                self.log.debug("removed the container's generated ld.so.cache", container_id=container.id)
+        except Exception as e:  # never let cleanup break the event stream
+            self.log.exception("cannot remove a container's generated files", e, container_id=container.id)
 
     async def synchronize(
         self, pods: list[api.PodSandbox], containers: list[api.Container]
@@ -343,6 +447,12 @@ class GpuPlugin(Plugin):
         Right after a start the first discovery may still run (registration does not wait for it):
         then the check runs as soon as it has finished.
         """
+        try:
+            gone = self.loader.sync([c.id for c in containers])
+            if gone:
+                self.log.info("removed generated files of containers that no longer exist", count=len(gone))
+        except Exception as e:
+            self.log.exception("cannot clean the state directory at Synchronize", e)
         if self.driver.snapshot() is None and self.driver.pending:
             if self._deferred_report is not None:
                 self._deferred_report.cancel()
@@ -414,6 +524,15 @@ class GpuPlugin(Plugin):
     async def on_disconnected(self) -> None:
         self.notifier.status("reconnecting to the NRI socket")
         self.log.warning("disconnected from the runtime")
+
+
+def _apply_outcome(adjust: api.ContainerAdjustment, outcome: LoaderOutcome) -> None:
+    if outcome.mount is not None:
+        m = outcome.mount
+        adjust.mounts.append(
+            api.Mount(destination=m.destination, type=m.type, source=m.source, options=m.options)
+        )
+    adjust.env.extend(api.KeyValue(key=k, value=v) for k, v in outcome.env)
 
 
 def _who(pod: api.PodSandbox, container: api.Container) -> dict[str, str]:

@@ -41,8 +41,8 @@ directory) and ``/usr/lib64`` (RHEL/Fedora/SUSE); 32-bit ones in ``/usr/lib/i386
 ``ld.so.cache`` does not list a library, so ``dlopen("libcuda.so.1")`` works in both layouts
 without ``LD_LIBRARY_PATH`` and without ``ldconfig``. The names LNC creates as symlinks are mounted
 as files too: ``libcuda.so`` (libcuda), ``libnvidia-opticalflow.so`` and ``libGLX_indirect.so.0``
-(libGLX_nvidia). Known limitation: ``ldconfig -p`` inside the container does not list these
-libraries (tools that parse it, rather than calling ``dlopen``, will not find them).
+(libGLX_nvidia). ``ldconfig -p`` inside the container lists them through the generated
+``/etc/ld.so.cache`` (``adjust.loader``, added by the daemon for the container's image).
 
 Binaries: ``utility`` binaries with utility, MPS (``compute`` group) binaries with compute (not
 with video alone), at ``/usr/bin/<name>``, read-only. IPC (``IPC_BIND_OPTIONS``, writable):
@@ -56,8 +56,9 @@ utility, libcuda for compute) was not discovered fails the container, and so doe
 capability uses that exists with the wrong type or numbers (``snapshot.invalid_nodes``), e.g. a
 ``/dev/nvidia-uvm`` with a stale major -- silently leaving it out gave CUDA containers no UVM.
 
-No env changes and no hooks: the spec itself carries everything, so nothing runs in or against the
-container's rootfs on the host's behalf; that hook-less design is the point.
+No hooks: the spec itself carries everything, so nothing runs in or against the container's rootfs
+on the host's behalf; that hook-less design is the point. (The libcuda env and the generated
+``/etc/ld.so.cache`` mount are added by the daemon, ``adjust.loader``.)
 
 The builder is a table of rules (:data:`RULES`), one per kind of artefact, each deciding from the
 request's typed values, the selection and the snapshot what the container gets of that kind. A

@@ -47,6 +47,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--device", action="append", default=[], metavar="PATH", help="device node already in the spec"
     )
     p.add_argument("--container-json", metavar="FILE", help="NRI Container as protobuf JSON ('-' = stdin)")
+    p.add_argument(
+        "--layers",
+        metavar="DIR[:DIR...]",
+        help="also generate the container's ld.so.cache from these image layer directories (top "
+        "first, as an overlay lowerdir), writing nothing, and show the path taken",
+    )
+    p.add_argument(
+        "--container-id",
+        metavar="ID",
+        help="show how the running daemon made that container's ld.so.cache (its record under the "
+        "state directory) and exit",
+    )
     p.add_argument("--output", choices=("text", "json"), default="text")
     add_config_flags(p, host_only=True)
 
@@ -125,6 +137,8 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> in
 
     file_layer, flag_layer = load_layers(args, environ)
     settings = cfg.build(file_layer, flag_layer)
+    if args.container_id:
+        return _show_record(settings.state_dir, args.container_id, args.output, out)
     container = _load_container(args)
     env, mounts, privileged, label = _container_inputs(args, container)
     annotations, present = _context(args, container)
@@ -158,6 +172,8 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> in
             "warnings": list(decision.warnings),
             "left_alone": decision.left_alone,
         }
+        if args.layers and req is not None and snapshot is not None:
+            doc["ldcache"] = _ldcache_preview(settings, args.layers, env, adj.mounts, snapshot).record()
         json.dump(doc, out, indent=2)
         out.write("\n")
         return EXIT_OK
@@ -170,6 +186,24 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> in
         out.write(f"container {label}: GPU request left alone: {decision.left_alone}\n")
         return EXIT_OK
     out.write(f"container {label}: GPU request\n")
+    _write_request(req, out)
+    out.write("resolved GPUs:\n")
+    for g in selection.gpus:
+        out.write(f"  {g.index}  {g.uuid}  /dev/nvidia{g.minor}  {g.bus_id}  {g.model}\n")
+    for m in selection.mig_devices:
+        out.write(f"  {m.parent_index}:{m.index}  {m.uuid}\n")
+    out.write("adjustment:\n")
+    render_adjustment(adj, out)
+    if args.layers and snapshot is not None:
+        outcome = _ldcache_preview(settings, args.layers, env, adj.mounts, snapshot)
+        out.write(f"ld.so.cache: {_describe(outcome.record())}\n")
+        for key, value in outcome.env:
+            out.write(f"  env {key}={value}\n")
+    return EXIT_OK
+
+
+def _write_request(req: Any, out: TextIO) -> None:
+    """The resolved request, one field a line (the ones beyond the seed's only when set)."""
     out.write(
         f"  devices:       {req.devices or '(none: GPU container without GPUs)'}"
         f" (from {req.devices_source})\n"
@@ -189,11 +223,51 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> in
     )
     if req.mig_config_devices or req.mig_monitor_devices:
         out.write(f"  mig config:    {req.mig_config_devices}\n  mig monitor:   {req.mig_monitor_devices}\n")
-    out.write("resolved GPUs:\n")
-    for g in selection.gpus:
-        out.write(f"  {g.index}  {g.uuid}  /dev/nvidia{g.minor}  {g.bus_id}  {g.model}\n")
-    for m in selection.mig_devices:
-        out.write(f"  {m.parent_index}:{m.index}  {m.uuid}\n")
-    out.write("adjustment:\n")
-    render_adjustment(adj, out)
+
+
+def _ldcache_preview(settings: Any, layers: str, env: list[str], mounts: Any, snapshot: Any) -> Any:
+    from nri_plugin.image import LoaderService
+    from nri_plugin.plugin import LIBCUDA_ENV_PREFIXES, loader_config
+
+    own = {e.split("=", 1)[0]: e.split("=", 1)[1] for e in env if e.startswith(LIBCUDA_ENV_PREFIXES)}
+    dirs = tuple(d for d in layers.split(":") if d)
+    return LoaderService(loader_config(settings)).preview(dirs, tuple(mounts), own, snapshot)
+
+
+def _describe(record: Mapping[str, object]) -> str:
+    if record.get("path") == "fallback":
+        return f"path=fallback stage={record.get('stage')} reason: {record.get('reason')}"
+    shown = (
+        "entries",
+        "driver_entries",
+        "image_entries",
+        "old_section",
+        "compat",
+        "compat_version",
+        "lib_dir",
+    )
+    return f"path={record.get('path')} " + " ".join(f"{k}={record.get(k)}" for k in shown if k in record)
+
+
+def _show_record(state_dir: str, container_id: str, output: str, out: TextIO) -> int:
+    import json
+
+    from nri_plugin.errors import ImageReadError
+    from nri_plugin.image import CacheStore
+
+    try:
+        record = CacheStore(state_dir).read_record(container_id)
+    except ImageReadError as e:
+        raise UsageError(f"--container-id {container_id!r}: {e}") from None
+    if record is None:
+        out.write(
+            f"container {container_id}: no ld.so.cache record under {state_dir!r} (not a GPU container, "
+            "created with container-ldcache = off, already removed, or another state-dir)\n"
+        )
+        return EXIT_CONTAINER_ERROR
+    if output == "json":
+        json.dump({"container_id": container_id, "ldcache": record}, out, indent=2)
+        out.write("\n")
+    else:
+        out.write(f"container {container_id}: ld.so.cache {_describe(record)}\n")
     return EXIT_OK

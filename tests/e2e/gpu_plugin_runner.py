@@ -86,6 +86,12 @@ def plugin_command(
     ]
     if config is not None:
         cmd += ["--config", str(config)]
+    if not any(a.startswith(("--container-ldcache", "--containerd-socket")) for a in extra_args):
+        # The generated ld.so.cache needs containerd's API socket (test_ldcache_e2e.py passes it);
+        # elsewhere it is off, and the state directory never lands in the host's /run.
+        cmd += ["--container-ldcache", "off"]
+    if not any(a.startswith("--state-dir") for a in extra_args):
+        cmd += ["--state-dir", str(log_file.parent / "state")]
     return [*cmd, *extra_args]
 
 
@@ -231,7 +237,11 @@ class GpuPluginProcess:
             proc.wait(10)
 
     def __enter__(self) -> GpuPluginProcess:
+        """Started, registered AND with its first discovery done: the daemon registers after at
+        most 0.5 s of discovery, and on a loaded machine a GPU create could otherwise meet the
+        by-design "discovery still in progress" refusal (tests of that use :meth:`start`)."""
         self.start()
+        self.wait_for("host driver discovered", count=self.starts, timeout=30)
         return self
 
     def __exit__(self, *exc: object) -> None:

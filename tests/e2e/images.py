@@ -21,6 +21,20 @@ Images (see :func:`build_images`):
     ``/lib64 -> usr/lib64``, ``/etc/redhat-release``, no ``/usr/lib/x86_64-linux-gnu``, and the
     same ``/usr/bin/gpu-probe`` (same glibc 2.36 as the host, so the binary runs).
 
+``ldconfig-debian`` / ``ldconfig-rhel``
+    debian-layout (plus ``/etc/ld.so.conf.d/vendor.conf`` -> ``/opt/vendor/lib/libvendor.so.1``)
+    and rhel-layout, each with the host's static ``/sbin/ldconfig`` and the ``/etc/ld.so.cache``
+    it writes for them at build time (``ldconfig -r``; the RHEL one in the compat format, with an
+    old section), so ``ldconfig -p`` inside shows what the container's loader sees.
+``compat-newer`` / ``compat-older``
+    ldconfig-debian plus ``/usr/local/cuda -> cuda-x`` with ``compat/libcuda.so.<v>`` (a fake
+    libcuda whose cuDriverGetVersion differs from the host's), major newer/older than the host's.
+``hostile-cache-link`` / ``hostile-truncated``
+    ldconfig-debian's files with ``/etc/ld.so.cache`` a symlink to :data:`HOST_ONLY_CACHE`, or cut
+    in half.
+``python-debian``
+    ldconfig-debian plus the host's Debian ``python3`` and the stdlib files ``ctypes.util`` needs.
+
 ``gpu-probe`` is ``tests/e2e/probe.c`` built with the host ``gcc``; see that file for its output.
 """
 
@@ -29,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import subprocess
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,7 +61,31 @@ IMAGE_REFS: Mapping[str, str] = {
     "pause": "docker.io/library/nri-e2e-pause:latest",
     "debian-layout": "docker.io/library/nri-e2e-debian-layout:latest",
     "rhel-layout": "docker.io/library/nri-e2e-rhel-layout:latest",
+    "ldconfig-debian": "docker.io/library/nri-e2e-ldconfig-debian:latest",
+    "ldconfig-rhel": "docker.io/library/nri-e2e-ldconfig-rhel:latest",
+    "compat-newer": "docker.io/library/nri-e2e-compat-newer:latest",
+    "compat-older": "docker.io/library/nri-e2e-compat-older:latest",
+    "hostile-cache-link": "docker.io/library/nri-e2e-hostile-cache-link:latest",
+    "hostile-truncated": "docker.io/library/nri-e2e-hostile-truncated:latest",
+    "python-debian": "docker.io/library/nri-e2e-python-debian:latest",
 }
+#: The host's Debian python3, copied (with the stdlib modules ``import ctypes.util`` and
+#: ``find_library`` load, and their shared libraries) into ``python-debian``.
+HOST_PYTHON = Path("/usr/bin/python3.11")
+_PY_MODULES = (
+    "import ctypes.util, sys\n"
+    "ctypes.util.find_library('c')\n"
+    "files = {getattr(m, '__file__', None) for m in list(sys.modules.values())}\n"
+    "print('\\n'.join(sorted(f for f in files if f)))\n"
+)
+#: Where ``hostile-cache-link``'s ``/etc/ld.so.cache`` points: a path of the *host* (the test puts a
+#: valid cache there) that the image does not have.
+HOST_ONLY_CACHE = "/var/lib/nri-e2e-host-only/ld.so.cache"
+#: The image's own library in ``ldconfig-debian`` (found through ``/etc/ld.so.conf.d/vendor.conf``).
+VENDOR_LIB_DIR = "/opt/vendor/lib"
+#: Compat libcuda versions of ``compat-newer`` / ``compat-older`` (and what their cuDriverGetVersion says).
+COMPAT_NEWER = ("999.10.01", 99000)
+COMPAT_OLDER = ("100.1.1", 10000)
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROBE_SOURCE = Path(__file__).with_name("probe.c")
@@ -296,6 +335,87 @@ def rhel_layout_entries(deps: E2EDeps, probe: Path) -> list[Entry]:
     return entries
 
 
+def _with_ldcache(entries: list[Entry], fmt: str, staging: Path) -> list[Entry]:
+    """``entries`` plus the ``/etc/ld.so.cache`` the host's (static) ``ldconfig -c fmt`` writes
+    for them, and that ``ldconfig`` itself at ``/sbin/ldconfig`` (for ``ldconfig -p`` inside)."""
+    entries = [*entries, f("sbin/ldconfig", Path("/sbin/ldconfig").read_bytes(), 0o755)]
+    staging.mkdir(parents=True, exist_ok=True)
+    unpack_layer(entries, staging)
+    (staging / "var/cache/ldconfig").mkdir(parents=True, exist_ok=True)
+    cmd = ["ldconfig", "-r", str(staging), "-c", fmt]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr}")
+    return [*entries, f("etc/ld.so.cache", (staging / "etc/ld.so.cache").read_bytes())]
+
+
+def _shared(name: str) -> bytes:
+    """A tiny real shared object with SONAME ``name`` (the fake host's driver-library source)."""
+    from tests.fakehost.builder import FAKE_LIB_SOURCE, compile_shared
+
+    return compile_shared(FAKE_LIB_SOURCE, name, [f"-Wl,-soname,{name}"]).read_bytes()
+
+
+def _compat_libcuda(cuda_version: int) -> bytes:
+    """A fake ``libcuda.so.1`` whose cuDriverGetVersion says ``cuda_version``."""
+    from tests.fakehost.builder import build_driver_lib
+
+    return build_driver_lib("libcuda.so.1", cuda_version=cuda_version).read_bytes()
+
+
+def ldconfig_debian_entries(deps: E2EDeps, probe: Path) -> list[Entry]:
+    """debian-layout + an extra ld.so.conf.d directory with the image's own library."""
+    return [
+        *debian_layout_entries(deps, probe),
+        f("etc/ld.so.conf", b"include /etc/ld.so.conf.d/*.conf\n"),
+        f("etc/ld.so.conf.d/vendor.conf", f"{VENDOR_LIB_DIR}\n".encode()),
+        f(f"{VENDOR_LIB_DIR.lstrip('/')}/libvendor.so.1", _shared("libvendor.so.1"), 0o755),
+    ]
+
+
+def compat_entries(deps: E2EDeps, probe: Path, compat: tuple[str, int]) -> list[Entry]:
+    """ldconfig-debian + ``/usr/local/cuda -> cuda-X`` with ``compat/libcuda.so.<version>``."""
+    version, cuda_version = compat
+    lib = f"usr/local/cuda-x/compat/libcuda.so.{version}"
+    return [
+        *ldconfig_debian_entries(deps, probe),
+        ln("usr/local/cuda", "cuda-x"),
+        f(lib, _compat_libcuda(cuda_version), 0o755),
+        ln("usr/local/cuda-x/compat/libcuda.so.1", f"libcuda.so.{version}"),
+    ]
+
+
+def _ldd(path: Path) -> list[Path]:
+    out = subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=True).stdout
+    return [Path(m.group(1)) for m in re.finditer(r"=> (/\S+)", out)]
+
+
+def python_entries() -> list[Entry]:
+    """``/usr/bin/python3`` (the host's Debian 3.11) with the stdlib files that ``python3 -c
+    'import ctypes.util; print(ctypes.util.find_library("cuda"))'`` loads, and the shared
+    libraries they need, at the host's paths (a Debian-layout image)."""
+    if not HOST_PYTHON.is_file():
+        raise RuntimeError(f"{HOST_PYTHON} not found: install the Debian package python3.11-minimal")
+    listing = subprocess.run(
+        [str(HOST_PYTHON), "-c", _PY_MODULES], capture_output=True, text=True, check=True, cwd="/"
+    ).stdout.split()
+    files = [Path(p) for p in listing if p.startswith("/usr/lib/python3.11/")]
+    libs: dict[str, Path] = {}
+    for binary in [HOST_PYTHON, *(f for f in files if f.suffix == ".so")]:
+        for lib in _ldd(binary):
+            libs.setdefault(lib.name, lib.resolve())
+    entries = [
+        f("usr/bin/python3.11", HOST_PYTHON.read_bytes(), 0o755),
+        ln("usr/bin/python3", "python3.11"),
+        d("usr/lib/python3.11/lib-dynload"),
+    ]
+    entries += [f(str(p).lstrip("/"), p.read_bytes(), 0o755 if p.suffix == ".so" else 0o644) for p in files]
+    for name, real in sorted(libs.items()):
+        if name not in ("libc.so.6",):  # the image's own (same glibc)
+            entries.append(f(f"lib/x86_64-linux-gnu/{name}", real.read_bytes(), 0o755))
+    return entries
+
+
 @dataclass(frozen=True)
 class BuiltImages:
     """Archive path and image reference per image key (``busybox``, ``pause``, …)."""
@@ -315,6 +435,22 @@ def build_images(deps: E2EDeps, out_dir: Path) -> BuiltImages:
         "debian-layout": (build_layer(debian_layout_entries(deps, probe)), ImageConfig(cmd=("sh",))),
         "rhel-layout": (build_layer(rhel_layout_entries(deps, probe)), ImageConfig(cmd=("sh",))),
     }
+    staging = out_dir / "staging"
+    debian = ldconfig_debian_entries(deps, probe)
+    rhel = [*rhel_layout_entries(deps, probe), f("etc/ld.so.conf", b"/usr/lib64\n")]
+    with_cache = {
+        # the RHEL-layout one in ldconfig's compat format: an old (libc5) section before the new one
+        "ldconfig-debian": _with_ldcache(debian, "new", staging / "debian"),
+        "ldconfig-rhel": _with_ldcache(rhel, "compat", staging / "rhel"),
+        "compat-newer": _with_ldcache(compat_entries(deps, probe, COMPAT_NEWER), "new", staging / "newer"),
+        "compat-older": _with_ldcache(compat_entries(deps, probe, COMPAT_OLDER), "new", staging / "older"),
+        "python-debian": _with_ldcache([*debian, *python_entries()], "new", staging / "python"),
+    }
+    good_cache = next(e.data for e in with_cache["ldconfig-debian"] if e.path == "etc/ld.so.cache")
+    with_cache["hostile-cache-link"] = [*debian, ln("etc/ld.so.cache", HOST_ONLY_CACHE)]
+    with_cache["hostile-truncated"] = [*debian, f("etc/ld.so.cache", good_cache[: len(good_cache) // 2])]
+    for key, entries in with_cache.items():
+        layers_and_configs[key] = (build_layer(entries), ImageConfig(cmd=("sh",)))
     archives: dict[str, Path] = {}
     for key, (layer, config) in layers_and_configs.items():
         archive = out_dir / f"{key}.oci.tar"

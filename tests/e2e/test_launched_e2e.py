@@ -38,6 +38,9 @@ def _config_toml(host: FakeHost) -> str:
         f'sys-root = "{roots.sys_root}"\n'
         f'run-root = "{roots.run_root}"\n'
         'log-format = "json"\n'
+        # the generated ld.so.cache is tested in test_ldcache_e2e.py; keep the host's /run clean
+        'container-ldcache = "off"\n'
+        f'state-dir = "{host.root}/nri-state"\n'
     )
 
 

@@ -117,6 +117,9 @@ class PluginDaemon:
             "--socket", str(self.socket_path),
             "--log-file", str(self.log_file),
             *host_args(self.host_root),
+            # the generated ld.so.cache is tested in test_ldcache_e2e.py; no state in the host's /run
+            "--container-ldcache", "off",
+            "--state-dir", str(self.log_file.parent / "nri-state"),
             *self.extra_args,
         ]  # fmt: skip
         if self.metrics_port:

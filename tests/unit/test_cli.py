@@ -463,3 +463,43 @@ def test_inspect_new_request_forms(host: FakeHost, capsys: pytest.CaptureFixture
     assert code == 0 and "left alone: its spec already has NVIDIA device nodes (/dev/nvidia0)" in out
     code, out = run_cli(["inspect", *host_args(host.root), "--no-nvml", "--annotation", "bad"])
     assert code == 2 and "--annotation 'bad': expected K=V" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect: the generated ld.so.cache
+
+
+def test_inspect_layers_shows_the_ldcache_path(host: FakeHost, tmp_path: Path) -> None:
+    from nri_plugin.host import CacheRecord, write_cache
+
+    layer = tmp_path / "layer"
+    (layer / "etc").mkdir(parents=True)
+    (layer / "usr/lib64").mkdir(parents=True)
+    (layer / "etc/ld.so.cache").write_bytes(
+        write_cache([CacheRecord(b"libc.so.6", b"/usr/lib64/libc.so.6", 0x303)])
+    )
+    base = ["inspect", *host_args(host.root), "--no-nvml", "--env", "NVIDIA_VISIBLE_DEVICES=0"]
+    code, out = run_cli([*base, "--layers", str(layer)])
+    assert code == 0
+    assert "ld.so.cache: path=image-cache" in out and "lib_dir=/usr/lib64" in out, out
+    assert "env TRITON_LIBCUDA_PATH=/usr/lib64" in out
+    code, out = run_cli([*base, "--layers", str(layer), "--output", "json"])
+    doc = json.loads(out)
+    assert doc["ldcache"]["path"] == "image-cache" and doc["ldcache"]["image_entries"] == 1
+    (layer / "etc/ld.so.cache").write_bytes(b"glibc-ld.so.cache1.1 truncated")
+    code, out = run_cli([*base, "--layers", str(layer)])
+    assert (
+        code == 0 and "ld.so.cache: path=fallback stage=image reason: the image's /etc/ld.so.cache" in out
+    ), out
+
+
+def test_inspect_container_id_shows_the_daemons_record(tmp_path: Path) -> None:
+    from nri_plugin.image import CacheStore
+
+    store = CacheStore(str(tmp_path))
+    store.prepare()
+    store.write_record("abc", {"path": "fallback", "stage": "containerd", "reason": "no socket"})
+    code, out = run_cli(["inspect", "--state-dir", str(tmp_path), "--container-id", "abc"])
+    assert code == 0 and "path=fallback stage=containerd reason: no socket" in out, out
+    code, out = run_cli(["inspect", "--state-dir", str(tmp_path), "--container-id", "other"])
+    assert code == 1 and "no ld.so.cache record" in out

@@ -227,15 +227,15 @@ def test_to_toml_keys_round_trips() -> None:
     s = cfg.build(cfg.parse_toml(TOOLKIT_FILE, "f"))
     keys = cfg.to_toml_keys(s)
     assert keys["nvidia-container-cli.root"] == "/run/nvidia/driver"
-    doc: dict[str, dict[str, object] | object] = {}
+    doc: dict[str, object] = {}
     for dotted, value in keys.items():
-        table, _, key = dotted.rpartition(".")
-        if table:
-            sub = doc.setdefault(table, {})
+        *tables, key = dotted.split(".")  # toolkit keys may be nested: modes.legacy.cuda-compat-mode
+        node = doc
+        for table in tables:
+            sub = node.setdefault(table, {})
             assert isinstance(sub, dict)
-            sub[key] = value
-        else:
-            doc[dotted] = value
+            node = sub
+        node[key] = value
     assert cfg.build(cfg.layer_from_mapping(doc, "round trip")) == s
 
 
@@ -283,10 +283,10 @@ def test_every_setting_is_declared_once_and_everything_derives_from_it() -> None
     assert cfg.to_toml_keys(defaults) == {s.key: getattr(defaults, a) for a, s in cfg.SETTINGS.items()}
     # each declared key is accepted by the TOML schema with its own default value ...
     for attr, s in cfg.SETTINGS.items():
-        table, _, key = s.key.rpartition(".")
-        doc: dict[str, object] = (
-            {table: {key: getattr(defaults, attr)}} if table else {key: getattr(defaults, attr)}
-        )
+        *tables, key = s.key.split(".")
+        doc: dict[str, object] = {key: getattr(defaults, attr)}
+        for table in reversed(tables):  # nested toolkit tables: nvidia-container-runtime.modes.legacy
+            doc = {table: doc}
         layer = cfg.layer_from_mapping(doc, "t")
         assert layer.values == {attr: getattr(defaults, attr)}, s.key
         assert cfg.provenance(layer) == {s.key: "t"}
@@ -311,6 +311,8 @@ def test_every_setting_is_declared_once_and_everything_derives_from_it() -> None
         "disable-require",
         "nvidia-container-cli.root",
         "nvidia-container-cli.ldcache",
+        "nvidia-container-runtime.modes.legacy.cuda-compat-mode",
+        "features.allow-cuda-compat-libs-from-container",
     }
 
 

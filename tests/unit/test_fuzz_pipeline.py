@@ -326,6 +326,7 @@ def host_layer(host: FakeHost, **extra: object) -> cfg.Layer:
         "nri-plugin.proc-root": f"{root}/proc",
         "nri-plugin.sys-root": f"{root}/sys",
         "nri-plugin.run-root": root,
+        "nri-plugin.container-ldcache": "off",  # the exact pipeline adjustment is compared
     }
     values.update(extra)
     return cfg.layer_from_flags(values)

@@ -330,9 +330,14 @@ def test_prometheus_endpoint() -> None:
         m.adjusted(0.003)
         m.failed("DeviceSelectionError", 0.001)
         m.skipped(0.0001)
+        m.ldcache("image-cache", "")
+        m.ldcache("fallback", "containerd")
+        m.ldcache("fallback", "containerd")
         v = _scrape(port)
     finally:
         m.close()
+    assert v['nri_gpu_ldcache_total{path="image-cache",stage=""}'] == 1
+    assert v['nri_gpu_ldcache_total{path="fallback",stage="containerd"}'] == 2
     assert v["nri_gpu_containers_adjusted_total"] == 2
     assert v['nri_gpu_containers_failed_total{reason="DeviceSelectionError"}'] == 1
     assert v["nri_gpu_containers_skipped_total"] == 1
@@ -372,4 +377,5 @@ def test_disabled_metrics_are_a_noop() -> None:
     m.adjusted(1.0)
     m.failed("x", 1.0)
     m.skipped(1.0)
+    m.ldcache("fallback", "image")
     m.close()

@@ -46,6 +46,9 @@ class RecordingMetrics:
     def unadjusted(self, count: int) -> None:
         self.events.append(("unadjusted", str(count)))
 
+    def ldcache(self, path: str, stage: str) -> None:
+        self.events.append(("ldcache", f"{path}:{stage}"))
+
     def close(self) -> None:
         pass
 
@@ -63,6 +66,9 @@ def host_flags(root: str, **extra: object) -> cfg.Layer:
         "nri-plugin.sys-root": f"{root}/sys",
         "nri-plugin.run-root": root,
         "nri-plugin.use-nvml": False,
+        # the generated ld.so.cache has its own tests (test_image_loader.py); here the exact
+        # adjustment of the pipeline is checked
+        "nri-plugin.container-ldcache": "off",
     }
     values.update(extra)
     return cfg.layer_from_flags(values)
@@ -110,9 +116,11 @@ def create(h: Harness, c: api.Container) -> api.CreateContainerResponse:
     return asyncio.run(h.plugin.create_container(POD, c))
 
 
-def test_subscribes_to_create_container_only() -> None:
+def test_subscribes_to_create_stop_and_remove_container_only() -> None:
     h = Harness("/nonexistent")
-    assert event_mask(h.plugin) == event_bit(api.CREATE_CONTAINER)
+    # Stop/Remove: the container's generated ld.so.cache is removed with it
+    wanted = event_bit(api.CREATE_CONTAINER) | event_bit(api.STOP_CONTAINER) | event_bit(api.REMOVE_CONTAINER)
+    assert event_mask(h.plugin) == wanted
 
 
 def test_gpu_container_gets_the_pipeline_adjustment(harness: Harness, host: FakeHost) -> None:
