@@ -395,6 +395,33 @@ class Settings:
         run_only=True,
         effect=Effect.WATCH,
     )
+    health_address: str = _string(
+        "",  # "" = no health endpoint
+        key="nri-plugin.health-address",
+        help="serve /readyz and /healthz over HTTP, e.g. 0.0.0.0:9402 (independent of metrics)",
+        convert=_address,
+        flag="--health-address",
+        metavar="HOST:PORT",
+        run_only=True,
+        effect=Effect.RESTART,
+    )
+    evict_unadjusted: bool = _boolean(
+        False,
+        key="nri-plugin.evict-unadjusted",
+        help="stop containers found at Synchronize without their GPUs so that they are recreated "
+        "with them (never those created before this plugin first registered on the node)",
+        run_only=True,
+    )
+    state_dir: str = _string(
+        "/var/lib/nvidia-nri-plugin",
+        key="nri-plugin.state-dir",
+        help="directory for the small state file recording when this plugin first registered",
+        convert=_abs_path,
+        flag="--state-dir",
+        metavar="DIR",
+        run_only=True,
+        effect=Effect.RESTART,
+    )
     hook: HookConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

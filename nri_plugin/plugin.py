@@ -19,6 +19,7 @@ from nri_plugin import metrics as metrics_mod
 from nri_plugin.adjust import EMPTY_SELECTION, decide
 from nri_plugin.config import Effect, Layer, Settings
 from nri_plugin.errors import ConfigError, ContainerError, DriverChangedError
+from nri_plugin.health import Readiness
 from nri_plugin.host import HostDriver
 from nri_plugin.notify import Notifier
 from nri_plugin.request import request_inputs
@@ -183,6 +184,25 @@ class GpuPlugin(Plugin):
                 await self._watch_task
             self._watch_task = None
         self.metrics.close()
+
+    def readiness(self) -> Readiness:
+        """Ready = registered with the runtime and a driver snapshot exists (``/readyz``)."""
+        counts = self._stub_counts()
+        if not counts.registered:
+            return Readiness(
+                False,
+                "not registered with the runtime ("
+                + ("reconnecting" if counts.registrations else "connecting")
+                + f" to {self.settings.socket_path}); new containers get no GPUs",
+            )
+        if self.driver.snapshot() is None:
+            why = (
+                "discovery in progress"
+                if self.driver.pending
+                else (self.driver.last_error or self.driver.no_driver_reason or "no driver found")
+            )
+            return Readiness(False, f"registered, but no NVIDIA driver snapshot: {why}")
+        return Readiness(True, "ready: registered and injecting")
 
     # -- NRI handlers --------------------------------------------------------------------------
 

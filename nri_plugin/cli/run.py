@@ -126,6 +126,7 @@ async def _serve(
         notifier=Notifier(environ),
         stub_counts=counts,
     )
+    health = await _start_health(settings, plugin, logger)
     await plugin.discover(budget=DISCOVERY_WAIT_S)
     stub = Stub.from_environment(
         plugin,
@@ -169,5 +170,27 @@ async def _serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await plugin.close()
+        if health is not None:
+            await health.close()
     logger.info("stopped", exit_code=code)
     return code
+
+
+async def _start_health(settings: Settings, plugin: Any, logger: Any) -> Any:
+    """The /readyz + /healthz listener when ``health-address`` is set (a bind error is logged)."""
+    if not settings.health_address:
+        return None
+    from nri_plugin.health import HealthServer
+
+    server = HealthServer(settings.health_address, plugin.readiness)
+    try:
+        listening = await server.start()
+    except OSError as e:
+        logger.error(
+            "health endpoint not started; fix nri-plugin.health-address (probes will fail)",
+            health_address=settings.health_address,
+            error=str(e),
+        )
+        return None
+    logger.info("health endpoint listening", health_address=settings.health_address, listening=listening)
+    return server

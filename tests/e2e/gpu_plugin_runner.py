@@ -83,6 +83,8 @@ def plugin_command(
         log_level,
         "--log-file",
         str(log_file),
+        "--state-dir",
+        str(log_file.parent / "state"),
     ]
     if config is not None:
         cmd += ["--config", str(config)]

@@ -116,6 +116,7 @@ class PluginDaemon:
             sys.executable, "-m", "nri_plugin", "run",
             "--socket", str(self.socket_path),
             "--log-file", str(self.log_file),
+            "--state-dir", str(self.log_file.parent / "state"),
             *host_args(self.host_root),
             *self.extra_args,
         ]  # fmt: skip
