@@ -83,6 +83,7 @@ class GpuPlugin(Plugin):
         self._watch_task: asyncio.Task[None] | None = None
         self._deferred_report: asyncio.Task[None] | None = None
         self.runtime = ""
+        self._warned: set[str] = set()
 
     # -- lifecycle (called by cli.run) ---------------------------------------------------------
 
@@ -217,6 +218,10 @@ class GpuPlugin(Plugin):
                 "NRI config rejected; the runtime will drop this plugin", error=str(e), runtime=self.runtime
             )
             raise
+        for warning in nri_layer.warnings:  # the file layer's were logged at start-up (cli.run)
+            if warning not in self._warned:  # Configure comes again at every reconnect: once only
+                self._warned.add(warning)
+                self.log.warning("toolkit configuration not applied", detail=warning)
         if nri_layer.ignored:  # the file layer's were logged once at start-up (cli.run)
             self.log.debug(
                 "ignoring toolkit keys this plugin does not use",

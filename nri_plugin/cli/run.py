@@ -104,6 +104,8 @@ async def _serve(
 
     logs.bridge_stdlib(logger)
     stdlib_logger = logging.getLogger("nri_plugin.wire.stub")
+    for warning in file_layer.warnings:  # once per start; an NRI config's in GpuPlugin.configure
+        logger.warning("toolkit configuration not applied", detail=warning)
     if file_layer.ignored:
         logger.debug(
             "ignoring toolkit keys this plugin does not use",

@@ -215,6 +215,16 @@ def test_bad_nri_config_fails_configure_loudly(harness: Harness) -> None:
     assert harness.plugin.settings.log_level == "info"  # unchanged
 
 
+def test_toolkit_warnings_of_the_nri_config_are_logged_once(harness: Harness) -> None:
+    text = '[nvidia-container-runtime]\nmode = "cdi"\n[nvidia-container-cli]\nfuture-key = 1\n'
+    for _ in range(3):  # Configure comes again at every reconnect
+        asyncio.run(harness.plugin.configure(text, "containerd", "2.1.9"))
+    warned = [r for r in harness.records() if r["msg"] == "toolkit configuration not applied"]
+    assert [r["level"] for r in warned] == ["warning", "warning"]
+    details = " ".join(str(r["detail"]) for r in warned)
+    assert "mode = 'cdi'" in details and "nvidia-container-cli.future-key" in details
+
+
 def test_configure_with_new_roots_rediscovers(tmp_path: Path, host: FakeHost) -> None:
     h = Harness(str(tmp_path), roots_in_file=True)  # no driver here; the NRI config may override
     asyncio.run(h.plugin.discover())
