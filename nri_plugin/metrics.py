@@ -34,6 +34,7 @@ class Metrics(Protocol):
     def failed(self, reason: str, seconds: float) -> None: ...
     def skipped(self, seconds: float) -> None: ...
     def unadjusted(self, count: int) -> None: ...
+    def evicted(self, method: str) -> None: ...
     def close(self) -> None: ...
 
     @property
@@ -61,6 +62,9 @@ class NullMetrics:
         pass
 
     def unadjusted(self, count: int) -> None:
+        pass
+
+    def evicted(self, method: str) -> None:
         pass
 
     def close(self) -> None:
@@ -168,6 +172,12 @@ class PrometheusMetrics:
             "Synchronize (created while the plugin was not registered: NRI fails open)",
             registry=self.registry,
         )
+        self._evicted = Counter(
+            "nri_gpu_containers_evicted",
+            "Containers without their GPUs evicted at Synchronize (evict-unadjusted), by method",
+            ["method"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(stub_counts, snapshot))
         self._server: Any = None
         self._thread: Any = None
@@ -199,6 +209,9 @@ class PrometheusMetrics:
 
     def unadjusted(self, count: int) -> None:
         self._unadjusted.set(count)
+
+    def evicted(self, method: str) -> None:
+        self._evicted.labels(method=method).inc()
 
     def close(self) -> None:
         if self._server is not None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from nri_plugin import config as cfg
-from nri_plugin import logs
+from nri_plugin import logs, resync
 from nri_plugin import metrics as metrics_mod
 from nri_plugin.adjust import EMPTY_SELECTION, decide
 from nri_plugin.config import Effect, Layer, Settings
@@ -32,6 +33,22 @@ REDISCOVER_BUDGET_S = 1.0
 
 class InternalError(ContainerError):
     """A bug on the CreateContainer path: fails that container, never the daemon."""
+
+
+# Unsolicited NRI updates/evictions (``Stub.update_containers``): set by cli.run once the stub exists.
+Updater = Callable[
+    [list[api.ContainerUpdate], list[api.ContainerEviction]], Awaitable[list[api.ContainerUpdate]]
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Unadjusted:
+    """A container found at Synchronize that asks for GPUs but has none (see ``nri_plugin.resync``)."""
+
+    container_id: str
+    pid: int
+    who: dict[str, str]
+    verdict: resync.Verdict
 
 
 def make_driver(settings: Settings) -> HostDriver:
@@ -68,7 +85,10 @@ class GpuPlugin(Plugin):
         launched: bool = False,
         driver_factory: Callable[[Settings], HostDriver] = make_driver,
         stub_counts: Callable[[], metrics_mod.StubCounts] = metrics_mod.StubCounts,
+        state_dir: str | None = None,
     ) -> None:
+        """``state_dir``: where the first-registered record lives (None: in memory only, for tests
+        and dry runs -- then the first Synchronize of this object is the boundary)."""
         super().__init__()
         self._file_layer = file_layer
         self._flag_layer = flag_layer
@@ -84,6 +104,12 @@ class GpuPlugin(Plugin):
         self._deferred_report: asyncio.Task[None] | None = None
         self.runtime = ""
         self._warned: set[str] = set()
+        self._state_dir = state_dir
+        self._first_ns: int | None = None
+        self._first_error = ""
+        self.updater: Updater | None = None
+        self._evictable: list[Unadjusted] = []
+        self._evict_task: asyncio.Task[None] | None = None
 
     # -- lifecycle (called by cli.run) ---------------------------------------------------------
 
@@ -179,6 +205,8 @@ class GpuPlugin(Plugin):
     async def close(self) -> None:
         if self._deferred_report is not None:
             self._deferred_report.cancel()
+        if self._evict_task is not None:
+            self._evict_task.cancel()
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -345,11 +373,14 @@ class GpuPlugin(Plugin):
 
         NRI fails open: a container created while the plugin was not registered (restarting,
         reconnecting, too slow) started without any adjustment. Each such container -- its request
-        resolves to GPUs on the current snapshot, yet its spec has no ``/dev/nvidiactl`` -- is
-        logged with its pod and counted in ``nri_gpu_unadjusted_containers``. Nothing is changed.
+        resolves to GPUs on the current snapshot, yet its spec has no NVIDIA device node, NVIDIA CDI
+        device or legacy hook -- is logged with its pod and counted in
+        ``nri_gpu_unadjusted_containers``; with ``evict-unadjusted`` those created after this plugin
+        first registered on the node are evicted once registration is complete (``nri_plugin.resync``).
         Right after a start the first discovery may still run (registration does not wait for it):
         then the check runs as soon as it has finished.
         """
+        self._record_first_registration()
         if self.driver.snapshot() is None and self.driver.pending:
             if self._deferred_report is not None:
                 self._deferred_report.cancel()
@@ -357,45 +388,119 @@ class GpuPlugin(Plugin):
                 self._report_after_discovery(pods, containers), name="unadjusted-report"
             )
             return []
-        self._report_unadjusted(pods, containers)
+        self._evictable = self._report_unadjusted(pods, containers)
         return []
+
+    def _record_first_registration(self) -> None:
+        if self._first_ns is not None:
+            return
+        if self._state_dir is None:
+            self._first_ns = time.time_ns()
+            return
+        try:
+            self._first_ns = resync.first_registered_ns(self._state_dir)
+        except OSError as e:
+            if str(e) != self._first_error:
+                self._first_error = str(e)
+                self.log.warning(
+                    "cannot read or record when this plugin first registered; no container will be "
+                    "evicted until nri-plugin.state-dir is a writable, persistent directory",
+                    state_dir=self._state_dir,
+                    error=str(e),
+                )
 
     async def _report_after_discovery(
         self, pods: list[api.PodSandbox], containers: list[api.Container]
     ) -> None:
         await asyncio.shield(self.driver.start_refresh())
-        self._report_unadjusted(pods, containers)
+        self._evictable = self._report_unadjusted(pods, containers)
+        if self._stub_counts().registered:  # registration completed meanwhile: evict now
+            self._start_evictions()
 
-    def _report_unadjusted(self, pods: list[api.PodSandbox], containers: list[api.Container]) -> None:
+    def _report_unadjusted(
+        self, pods: list[api.PodSandbox], containers: list[api.Container]
+    ) -> list[Unadjusted]:
         by_id = {pod.id: pod for pod in pods}
-        snap = self.driver.snapshot()
-        count = 0
+        found: list[Unadjusted] = []
         for container in containers:
-            if container.state == api.CONTAINER_STOPPED:
+            devices = self._unadjusted_request(container)
+            if devices is None:
                 continue
-            if any(d.path == "/dev/nvidiactl" for d in container.linux.devices):
-                continue  # adjusted by us, CDI or another injector
-            try:
-                env, mounts, privileged = request_inputs(container)
-                decision = decide(env, mounts, privileged, self.settings.hook, snap)
-            except ContainerError:
-                continue  # would have been refused; it did not ask for GPUs we could give
-            except Exception as e:  # never let one odd container break the registration
-                self.log.exception("internal error checking a synchronized container", e)
-                continue
-            if decision.request is None or not decision.adjustment.devices:
-                continue
-            count += 1
             pod = by_id.get(container.pod_sandbox_id, api.PodSandbox(id=container.pod_sandbox_id))
+            verdict = resync.classify(_created_ns(container), self._first_ns)
+            item = Unadjusted(container.id, container.pid, _who(pod, container), verdict)
+            found.append(item)
+            evicting = verdict.evict and self.settings.evict_unadjusted
             self.log.warning(
                 "GPU container is running without its GPUs (created while the plugin was not "
-                "registered); recreate it",
-                **_who(pod, container),
-                devices=decision.request.devices,
+                "registered); "
+                + ("evicting it" if evicting else "recreate it")
+                + ("" if verdict.evict or not self.settings.evict_unadjusted else "; not evicted"),
+                **item.who,
+                devices=devices,
+                evictable=verdict.evict,
+                why=verdict.why,
             )
-        self.metrics.unadjusted(count)
-        if count:
-            self.log.warning("containers without their GPUs found at Synchronize", count=count)
+        self.metrics.unadjusted(len(found))
+        if found:
+            self.log.warning("containers without their GPUs found at Synchronize", count=len(found))
+        return [u for u in found if u.verdict.evict] if self.settings.evict_unadjusted else []
+
+    def _unadjusted_request(self, container: api.Container) -> str | None:
+        """The device request of a running container that asks for GPUs but got none, else None."""
+        if container.state == api.CONTAINER_STOPPED or _has_gpu_injection(container):
+            return None
+        try:
+            env, mounts, privileged = request_inputs(container)
+            decision = decide(env, mounts, privileged, self.settings.hook, self.driver.snapshot())
+        except ContainerError:
+            return None  # would have been refused; it did not ask for GPUs we could give
+        except Exception as e:  # never let one odd container break the registration
+            self.log.exception("internal error checking a synchronized container", e)
+            return None
+        if decision.request is None or not decision.adjustment.devices:
+            return None
+        return decision.request.devices
+
+    def _start_evictions(self) -> None:
+        if not self._evictable:
+            return
+        todo, self._evictable = self._evictable, []
+        if self._evict_task is not None and not self._evict_task.done():
+            self._evict_task.cancel()
+        self._evict_task = asyncio.get_running_loop().create_task(self._evict(todo), name="evict")
+
+    async def _evict(self, todo: list[Unadjusted]) -> None:
+        """Evict through NRI, then check; SIGKILL the init process of those still running."""
+        reason = resync.EVICT_REASON
+        evictions = [api.ContainerEviction(container_id=u.container_id, reason=reason) for u in todo]
+        try:
+            if self.updater is None:
+                raise ConnectionError("no NRI connection to send the eviction on")
+            await self.updater([], evictions)
+        except Exception as e:  # the fallback below still applies
+            self.log.warning("NRI eviction request failed", error=f"{type(e).__name__}: {e}")
+        await asyncio.sleep(resync.EVICT_GRACE_S)
+        for u in todo:
+            if u.pid <= 0:  # no PID in the NRI record: nothing to check or signal
+                self.metrics.evicted("nri")
+                self.log.warning("eviction of GPU container without GPUs requested through NRI only", **u.who)
+                continue
+            if not resync.owns_process(u.container_id, u.pid):  # gone: the runtime evicted it
+                self.metrics.evicted("nri")
+                self.log.warning("evicted GPU container without GPUs", **u.who, method="nri")
+                continue
+            # containerd <= 2.2 ignores UpdateContainers evictions: stop the process ourselves.
+            sent = resync.evict_fallback(u.container_id, u.pid)
+            if sent:
+                self.metrics.evicted("signal")
+            self.log.warning(
+                ("evicted" if sent else "could not evict") + " GPU container without GPUs",
+                **u.who,
+                method="signal",
+                pid=u.pid,
+                reason=resync.EVICT_REASON,
+            )
 
     async def on_registered(self) -> None:
         snap = self.driver.snapshot()
@@ -410,6 +515,7 @@ class GpuPlugin(Plugin):
         )
         self.notifier.ready(status)
         self.log.info("registered", runtime=self.runtime)
+        self._start_evictions()  # not from Synchronize itself: the runtime holds its lock there
 
     async def on_disconnected(self) -> None:
         self.notifier.status("reconnecting to the NRI socket")
@@ -424,3 +530,23 @@ def _who(pod: api.PodSandbox, container: api.Container) -> dict[str, str]:
         "pod_namespace": pod.namespace,
         "pod": pod.name,
     }
+
+
+def _has_gpu_injection(container: api.Container) -> bool:
+    """Whether some injector gave this container GPUs: an NVIDIA device node (ours, CDI's or a
+    runtime's), an NVIDIA CDI device, or the legacy prestart hook (its nodes are not in the spec)."""
+    if any(d.path.startswith("/dev/nvidia") for d in container.linux.devices):
+        return True
+    if any(d.name.startswith("nvidia.com/") for d in container.CDI_devices):
+        return True
+    return any("nvidia" in h.path for h in container.hooks.prestart)
+
+
+def _created_ns(container: api.Container) -> int | None:
+    """Creation time (unix ns): NRI's ``created_at`` (NRI >= v0.9), else the start time of its
+    init process when that process is verifiably the container's (containerd 1.7)."""
+    if container.created_at > 0:
+        return int(container.created_at)
+    if container.pid and resync.owns_process(container.id, container.pid):
+        return resync.process_start_ns(container.pid)
+    return None

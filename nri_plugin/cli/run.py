@@ -127,6 +127,7 @@ async def _serve(
         launched=launched,
         notifier=Notifier(environ),
         stub_counts=counts,
+        state_dir=settings.state_dir,
     )
     health = await _start_health(settings, plugin, logger)
     await plugin.discover(budget=DISCOVERY_WAIT_S)
@@ -138,6 +139,7 @@ async def _serve(
         logger=stdlib_logger,
     )
     stub_ref.append(stub)
+    plugin.updater = stub.update_containers
     loop = asyncio.get_running_loop()
     stopping: list[int] = []
 

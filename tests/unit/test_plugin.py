@@ -46,6 +46,9 @@ class RecordingMetrics:
     def unadjusted(self, count: int) -> None:
         self.events.append(("unadjusted", str(count)))
 
+    def evicted(self, method: str) -> None:
+        self.events.append(("evicted", method))
+
     def close(self) -> None:
         pass
 
