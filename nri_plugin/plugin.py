@@ -325,7 +325,7 @@ class GpuPlugin(Plugin):
             response = api.CreateContainerResponse(adjust=decision.message())
         except ContainerError as e:
             elapsed = time.perf_counter() - t0
-            self.metrics.failed(type(e).__name__, elapsed)
+            self.metrics.failed(metrics_mod.reason_label(type(e).__name__), elapsed)
             self.log.error(
                 "GPU container refused",
                 **_who(pod, container),
@@ -336,7 +336,7 @@ class GpuPlugin(Plugin):
             raise
         except Exception as e:
             elapsed = time.perf_counter() - t0
-            self.metrics.failed("InternalError", elapsed)
+            self.metrics.failed(metrics_mod.reason_label(InternalError.__name__), elapsed)
             self.log.exception(
                 "internal error handling CreateContainer",
                 e,

@@ -161,7 +161,7 @@ def test_container_error_is_logged_and_reraised(harness: Harness) -> None:
     [line] = harness.records()
     assert line["level"] == "error" and line["reason"] == "DeviceSelectionError"
     assert line["error"] == str(info.value)
-    assert harness.metrics.events == [("failed", "DeviceSelectionError")]
+    assert harness.metrics.events == [("failed", "device_selection")]
 
 
 def test_unexpected_exception_becomes_internal_container_error(
@@ -176,7 +176,7 @@ def test_unexpected_exception_becomes_internal_container_error(
     assert isinstance(info.value.__cause__, KeyError)
     [line] = harness.records()
     assert line["level"] == "error" and "Traceback" in str(line["traceback"])
-    assert harness.metrics.events == [("failed", "InternalError")]
+    assert harness.metrics.events == [("failed", "internal")]
 
 
 def test_without_driver_only_gpu_containers_fail(tmp_path: Path) -> None:
