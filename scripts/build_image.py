@@ -217,14 +217,7 @@ PASSWD = (
     "root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
 )
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
-ENTRYPOINT = """#!/usr/bin/python3.11 -I
-# nvidia-nri-plugin console script (written by scripts/build-image)
-import sys
-
-from nri_plugin.cli import main
-
-sys.exit(main())
-"""
+ENTRYPOINT = IMAGE_DIR / "nvidia-nri-plugin"  # the console script, shared with the Containerfile
 
 
 def assemble(rootfs: Path, debs: Sequence[Path], inputs: str) -> None:
@@ -255,7 +248,7 @@ def assemble(rootfs: Path, debs: Sequence[Path], inputs: str) -> None:
     if not python3.exists():
         python3.symlink_to("python3.11")
     script = rootfs / "usr/bin/nvidia-nri-plugin"
-    script.write_text(ENTRYPOINT)
+    script.write_bytes(ENTRYPOINT.read_bytes())
     script.chmod(0o755)
     shutil.copyfile(REPO / "LICENSE", rootfs / "usr/share/doc/nvidia-nri-plugin/LICENSE")
     (rootfs / "usr/share/nvidia-nri-plugin/image-inputs.txt").write_text(inputs)

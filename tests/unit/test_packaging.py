@@ -444,3 +444,18 @@ def test_operations_doc_lists_the_error_messages() -> None:
         "both tried to set device",
     ):
         assert message in text, message
+
+
+def test_image_tag_is_the_package_version_and_the_containerfile_uses_the_same_inputs() -> None:
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    kust = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    name, _, tag = plugin_container()["image"].rpartition(":")
+    assert (kust["images"][0]["name"], kust["images"][0]["newTag"], tag) == (name, version, version)
+    containerfile = (DEPLOY / "image" / "Containerfile").read_text()
+    for used in ("deploy/image/requirements.txt", "deploy/image/nvidia-nri-plugin", "LICENSE"):
+        assert used in containerfile and (REPO / used).exists(), used
+    assert "--require-hashes" in containerfile
+    pins = (DEPLOY / "image" / "requirements.txt").read_text()
+    for dep in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name = re.split(r"[<>=!~\[ ;]", dep, maxsplit=1)[0]
+        assert f"{name}==" in pins, f"{name} (a pyproject dependency) is not pinned in deploy/image/"
