@@ -82,6 +82,7 @@ def test_sigkill_during_burst_reports_and_evicts_gpu_less_containers(
         assert first.fields["evictable"] is False and "before this plugin first registered" in str(
             first.fields["why"]
         )
+        plugin.wait_for("host driver discovered", timeout=30)  # registration does not wait for it
         state_file = tmp_path / "plugin" / "state" / "first-registered"
         assert state_file.is_file()
 
