@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from nri_plugin.cli import doctor
@@ -47,6 +48,11 @@ def test_two_instances_on_one_socket_fail(tmp_path: Path) -> None:
         for _ in range(2)
     ]
     try:
+        deadline = time.monotonic() + 10
+        for p in procs:  # until each child has exec'd (its cmdline is the parent's before that)
+            while sock.encode() not in Path(f"/proc/{p.pid}/cmdline").read_bytes():
+                assert time.monotonic() < deadline, "the child processes did not start"
+                time.sleep(0.01)
         c = doctor.check_instances(sock)
         assert c.status == "FAIL" and all(str(p.pid) in c.message for p in procs)
         assert doctor.check_instances(str(tmp_path / "other.sock")).status == "PASS"
