@@ -226,7 +226,7 @@ class Bench:
     @contextlib.contextmanager
     def daemon(self, tag: str, *, ldcache: bool = True) -> Iterator[PluginDaemon]:
         log = self.work / f"plugin-{tag}.log"
-        extra = ["--containerd-socket", str(self.ctrd.address), "--state-dir", str(self.work / "state")]
+        extra = ["--containerd-socket", str(self.ctrd.address), "--runtime-dir", str(self.work / "state")]
         extra += ["--container-ldcache", "auto" if ldcache else "off"]
         d = PluginDaemon(self.ctrd.nri_socket, self.host.root, log, extra_args=extra)
         wall0 = time.time()
@@ -394,7 +394,7 @@ class Bench:
                 {
                     **host_layer(self.host).values,
                     "container_ldcache": mode,
-                    "state_dir": str(self.work / f"inproc-state-{mode}"),
+                    "runtime_dir": str(self.work / f"inproc-state-{mode}"),
                 },
             )
             p = GpuPlugin(file_layer=cfg.Layer("bench"), flag_layer=flags, logger=logger, mounts_fn=mounts)

@@ -8,4 +8,4 @@ Layers (imports point down only):
   daemon   -- CLI, config, logging, metrics glue (cli.py, config.py, plugin.py, ...)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"

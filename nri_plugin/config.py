@@ -26,17 +26,22 @@ Schema (identical in the file and the NRI config string):
   root, "" = ``/etc/ld.so.cache``); the toolkit's other keys of that table (``path``, ``environment``,
   ``debug``, ``load-kmods``, ``no-pivot``, ``no-cgroups``, ``user``, ``ldconfig``) are ignored;
 * the toolkit's other tables (``[nvidia-container-runtime]``, ``[nvidia-container-runtime-hook]``,
-  ``[nvidia-ctk]``, ``[features]``) are accepted and ignored;
+  ``[nvidia-ctk]``, ``[features]``) are accepted and ignored; those of their keys that change what a
+  container gets under the toolkit (``mode = "cdi"``/``"csv"``, ``modes.csv``, ``[features]``) give a
+  warning saying what this plugin does instead;
 * ``[nri-plugin]``: our own keys: every ``Settings`` field declares its key (``Setting``), and the
   schema, the command-line flags, the provenance and the apply step are derived from that.
 
-Any other key, or a value of the wrong type, is a ``ConfigError`` naming the key, the source and the
-expected type.
+An unknown key in the toolkit's namespace (top level, ``[nvidia-container-cli]``, another table) is
+a warning (``Layer.warnings``, with the closest known key): a toolkit upgrade that adds keys must not
+stop the plugin fleet-wide. An unknown ``[nri-plugin]`` key or a value of the wrong type is a
+``ConfigError`` naming the key, the source and the expected type.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import math
 import os
@@ -417,12 +422,12 @@ class Settings:
         choices=("auto", "off"),
         run_only=True,
     )
-    state_dir: str = _string(
+    runtime_dir: str = _string(
         "/run/nvidia-nri-plugin",
-        key="nri-plugin.state-dir",
+        key="nri-plugin.runtime-dir",
         help="host directory for the generated per-container files (default /run/nvidia-nri-plugin)",
         convert=_abs_path,
-        flag="--state-dir",
+        flag="--runtime-dir",
         metavar="DIR",
     )
     containerd_socket: str = _string(
@@ -470,6 +475,33 @@ class Settings:
         key="features.allow-cuda-compat-libs-from-container",
         help="with an empty cuda-compat-mode: use the image's CUDA forward-compat libraries",
         toolkit=True,
+    )
+    health_address: str = _string(
+        "",  # "" = no health endpoint
+        key="nri-plugin.health-address",
+        help="serve /readyz and /healthz over HTTP, e.g. 0.0.0.0:9402 (independent of metrics)",
+        convert=_address,
+        flag="--health-address",
+        metavar="HOST:PORT",
+        run_only=True,
+        effect=Effect.RESTART,
+    )
+    evict_unadjusted: bool = _boolean(
+        False,
+        key="nri-plugin.evict-unadjusted",
+        help="stop containers found at Synchronize without their GPUs so that they are recreated "
+        "with them (never those created before this plugin first registered on the node)",
+        run_only=True,
+    )
+    state_dir: str = _string(
+        "/var/lib/nvidia-nri-plugin",
+        key="nri-plugin.state-dir",
+        help="directory for the small state file recording when this plugin first registered",
+        convert=_abs_path,
+        flag="--state-dir",
+        metavar="DIR",
+        run_only=True,
+        effect=Effect.RESTART,
     )
     hook: HookConfig = field(init=False, repr=False, compare=False)
 
@@ -581,6 +613,9 @@ class Layer:
     source: str
     values: Mapping[str, object] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()  # toolkit keys present in the source and deliberately ignored
+    # One message per toolkit key this plugin does not know (a newer toolkit's?) or that changes what
+    # a container gets under the toolkit (mode = "cdi", csv, [features]): logged at warning level.
+    warnings: tuple[str, ...] = ()
 
 
 def _convert(spec: Setting, dotted: str, value: object, source: str) -> object:
@@ -601,10 +636,59 @@ def _table(doc: Mapping[str, object], name: str, source: str) -> Mapping[str, ob
     return t
 
 
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_toolkit_key(source: str, dotted: str, known: Iterable[str]) -> str:
+    """The warning for a key in the toolkit's namespace that this plugin does not know."""
+    return (
+        f"{source}: unknown toolkit key {dotted!r} ignored (from a newer NVIDIA Container Toolkit? "
+        f"this plugin does not use it){_did_you_mean(dotted.rpartition('.')[2], known)}"
+    )
+
+
+def _toolkit_behaviour_notes(doc: Mapping[str, object], source: str) -> list[str]:
+    """Toolkit keys that change what a container gets under the toolkit, and what we do instead."""
+    notes: list[str] = []
+    runtime = doc.get("nvidia-container-runtime")
+    if isinstance(runtime, dict):
+        mode = runtime.get("mode")
+        if mode in ("cdi", "csv"):
+            notes.append(
+                f"{source}: nvidia-container-runtime.mode = {mode!r} makes the toolkit inject "
+                + ("CDI specs" if mode == "cdi" else "the files listed in CSV mount specs (Tegra)")
+                + "; this plugin ignores the mode and gives containers device nodes and driver files "
+                "discovered under the driver root, with the hook's request semantics"
+            )
+        modes = runtime.get("modes")
+        if isinstance(modes, dict) and "csv" in modes:
+            notes.append(
+                f"{source}: [nvidia-container-runtime.modes.csv] (Tegra CSV mount specs) is not "
+                "supported by this plugin; those files are not injected"
+            )
+    features = doc.get("features")
+    if isinstance(features, dict) and features:
+        on = sorted(k for k, v in features.items() if v is not False)
+        if on:
+            notes.append(
+                f"{source}: toolkit [features] {', '.join(on)} have no effect here; this plugin "
+                "injects neither IMEX channels nor the gated GDS/MOFED/GDRCOPY/NVSwitch files"
+            )
+    return notes
+
+
 def layer_from_mapping(doc: Mapping[str, object], source: str) -> Layer:
-    """Validate a parsed TOML document against the schema (the declared settings)."""
+    """Validate a parsed TOML document against the schema (the declared settings).
+
+    Unknown keys of [nri-plugin] and wrong types are errors; unknown keys in the toolkit's
+    namespace (top level, [nvidia-container-cli], other tables) are warnings (``Layer.warnings``):
+    a toolkit upgrade that adds keys must not stop the plugin on every node.
+    """
     values: dict[str, object] = {}
     ignored: list[str] = []
+    warnings: list[str] = _toolkit_behaviour_notes(doc, source)
 
     def take(dotted: str, value: object) -> None:
         attr, spec = _BY_KEY[dotted]
@@ -621,13 +705,9 @@ def layer_from_mapping(doc: Mapping[str, object], source: str) -> Layer:
                 elif sub in _IGNORED_CLI_KEYS:
                     ignored.append(dotted)
                 else:
-                    # A typo here (`roots = ...`) would silently leave the driver root at "/".
-                    used = _keys_of(key)
-                    raise ConfigError(
-                        f"{source}: unknown key {dotted!r}; [{key}] keys are "
-                        f"{', '.join(sorted([*used, *_IGNORED_CLI_KEYS]))} "
-                        f"(only {', '.join(used)} are used by this plugin)"
-                    )
+                    # A typo here (`roots = ...`) leaves the driver root at "/": say so loudly.
+                    known = [*_keys_of(key), *_IGNORED_CLI_KEYS]
+                    warnings.append(_unknown_toolkit_key(source, dotted, known))
         elif key in _IGNORED_TABLES:
             _take_nested(doc, key, source, take, ignored)
         elif key == OWN_TABLE:
@@ -635,16 +715,13 @@ def layer_from_mapping(doc: Mapping[str, object], source: str) -> Layer:
                 dotted = f"{key}.{sub}"
                 if dotted not in _BY_KEY:
                     raise ConfigError(
-                        f"{source}: unknown key {dotted!r}; known keys of [{OWN_TABLE}]: "
-                        f"{', '.join(_keys_of(OWN_TABLE))}"
+                        f"{source}: unknown key {dotted!r}{_did_you_mean(sub, _keys_of(OWN_TABLE))}; "
+                        f"known keys of [{OWN_TABLE}]: {', '.join(_keys_of(OWN_TABLE))}"
                     )
                 take(dotted, subval)
         else:
-            raise ConfigError(
-                f"{source}: unknown key {key!r}; expected a toolkit config.toml key "
-                f"({', '.join(_keys_of(''))}, [{TOOLKIT_CLI_TABLE}], ...) or the [{OWN_TABLE}] table"
-            )
-    return Layer(source, values, tuple(ignored))
+            warnings.append(_unknown_toolkit_key(source, key, [*_keys_of(""), *_IGNORED_TABLES]))
+    return Layer(source, values, tuple(ignored), tuple(warnings))
 
 
 def _take_nested(

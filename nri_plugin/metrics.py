@@ -1,14 +1,19 @@
 """Prometheus metrics (only when ``metrics-address`` is set) and a no-op twin with the same interface.
 
-``prometheus_client`` and ``psutil`` are imported lazily so that a plugin without metrics does not
-pay their import time before registering. Each ``PrometheusMetrics`` owns its registry (no global
-state); values owned by other objects (stub counters, the driver snapshot, process usage) are read
-on scrape by a custom collector.
+``prometheus_client`` is imported lazily so that a plugin without metrics does not pay its import
+time before registering. Each ``PrometheusMetrics`` owns its registry; values owned by other objects
+(stub counters, the driver snapshot) are read on scrape by a custom collector, process usage by the
+library's standard ``process_*`` collector. Exposition rules (``docs/operations.md`` "Metrics"
+lists every name, and a test compares that list with a scrape):
+
+* no ``*_created`` series (they double the series count and nobody alerts on them);
+* ``reason`` labels are stable snake_case strings derived from the error class
+  (``DriverNotFoundError`` -> ``driver_not_found``; :func:`reason_label`), never free text.
 """
 
 from __future__ import annotations
 
-import importlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -18,6 +23,15 @@ from nri_plugin.host import DriverSnapshot
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
+
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def reason_label(error_class: str) -> str:
+    """The ``reason`` label of a failure: the error class in snake_case without ``Error``."""
+    name = error_class.removesuffix("Error") or error_class
+    return _CAMEL_BOUNDARY.sub("_", name).lower()
+
 
 CREATE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
@@ -35,6 +49,7 @@ class Metrics(Protocol):
     def skipped(self, seconds: float) -> None: ...
     def unadjusted(self, count: int) -> None: ...
     def ldcache(self, path: str, stage: str) -> None: ...
+    def evicted(self, method: str) -> None: ...
     def close(self) -> None: ...
 
     @property
@@ -67,12 +82,15 @@ class NullMetrics:
     def ldcache(self, path: str, stage: str) -> None:
         pass
 
+    def evicted(self, method: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
 class _StateCollector:
-    """Collected on each scrape: stub counters, driver snapshot, process resource usage."""
+    """Collected on each scrape: stub counters and the driver snapshot."""
 
     def __init__(
         self, stub_counts: Callable[[], StubCounts], snapshot: Callable[[], DriverSnapshot | None]
@@ -119,19 +137,6 @@ class _StateCollector:
         if snap is not None:
             info.add_metric([snap.driver_version, snap.cuda_version or "", snap.source], 1)
         yield info
-        try:
-            psutil = importlib.import_module("psutil")  # untyped; imported on first scrape
-            proc = psutil.Process()
-            rss = proc.memory_info().rss
-            cpu = proc.cpu_times()
-        except Exception:  # psutil missing or /proc unreadable: skip process metrics, keep the rest
-            return
-        yield GaugeMetricFamily(
-            "nri_gpu_plugin_resident_memory_bytes", "Resident set size of the plugin", value=rss
-        )
-        yield CounterMetricFamily(
-            "nri_gpu_plugin_cpu_seconds", "User+system CPU time of the plugin", value=cpu.user + cpu.system
-        )
 
 
 class PrometheusMetrics:
@@ -144,10 +149,14 @@ class PrometheusMetrics:
         stub_counts: Callable[[], StubCounts] = StubCounts,
         snapshot: Callable[[], DriverSnapshot | None] = lambda: None,
     ) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        import prometheus_client
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+        # The library's switch is process-wide; the daemon has one registry, so that is what we want.
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         host, port = parse_address(address)
         self.registry: CollectorRegistry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
         self._adjusted = Counter(
             "nri_gpu_containers_adjusted", "GPU containers given an adjustment", registry=self.registry
         )
@@ -178,6 +187,12 @@ class PrometheusMetrics:
             "(generated), or fallback with the stage that failed (containerd, image, store, timeout, "
             "internal)",
             ["path", "stage"],
+            registry=self.registry,
+        )
+        self._evicted = Counter(
+            "nri_gpu_containers_evicted",
+            "Containers without their GPUs evicted at Synchronize (evict-unadjusted), by method",
+            ["method"],
             registry=self.registry,
         )
         self.registry.register(_StateCollector(stub_counts, snapshot))
@@ -214,6 +229,9 @@ class PrometheusMetrics:
 
     def ldcache(self, path: str, stage: str) -> None:
         self._ldcache.labels(path=path, stage=stage).inc()
+
+    def evicted(self, method: str) -> None:
+        self._evicted.labels(method=method).inc()
 
     def close(self) -> None:
         if self._server is not None:

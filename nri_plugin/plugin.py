@@ -11,15 +11,17 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from nri_plugin import config as cfg
-from nri_plugin import logs
+from nri_plugin import logs, resync
 from nri_plugin import metrics as metrics_mod
 from nri_plugin.adjust import EMPTY_SELECTION, Decision, compat_enabled, decide
 from nri_plugin.config import Effect, Layer, Settings
 from nri_plugin.errors import ConfigError, ContainerError, DriverChangedError
+from nri_plugin.health import Readiness
 from nri_plugin.host import HostDriver
 from nri_plugin.image import LoaderConfig, LoaderOutcome, LoaderService, MountsFn
 from nri_plugin.notify import Notifier
@@ -33,6 +35,22 @@ REDISCOVER_BUDGET_S = 1.0
 
 class InternalError(ContainerError):
     """A bug on the CreateContainer path: fails that container, never the daemon."""
+
+
+# Unsolicited NRI updates/evictions (``Stub.update_containers``): set by cli.run once the stub exists.
+Updater = Callable[
+    [list[api.ContainerUpdate], list[api.ContainerEviction]], Awaitable[list[api.ContainerUpdate]]
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Unadjusted:
+    """A container found at Synchronize that asks for GPUs but has none (see ``nri_plugin.resync``)."""
+
+    container_id: str
+    pid: int
+    who: dict[str, str]
+    verdict: resync.Verdict
 
 
 def make_driver(settings: Settings) -> HostDriver:
@@ -57,7 +75,7 @@ def loader_config(settings: Settings) -> LoaderConfig:
     """The container-ldcache settings as the loader service's config."""
     return LoaderConfig(
         enabled=settings.container_ldcache != "off",
-        state_dir=settings.state_dir,
+        state_dir=settings.runtime_dir,
         containerd_socket=settings.containerd_socket,
         namespace=settings.containerd_namespace,
         snapshotter=settings.snapshotter,
@@ -89,7 +107,10 @@ class GpuPlugin(Plugin):
         driver_factory: Callable[[Settings], HostDriver] = make_driver,
         stub_counts: Callable[[], metrics_mod.StubCounts] = metrics_mod.StubCounts,
         mounts_fn: MountsFn | None = None,
+        state_dir: str | None = None,
     ) -> None:
+        """``state_dir``: where the first-registered record lives (None: in memory only, for tests
+        and dry runs -- then the first Synchronize of this object is the boundary)."""
         super().__init__()
         self._file_layer = file_layer
         self._flag_layer = flag_layer
@@ -106,6 +127,13 @@ class GpuPlugin(Plugin):
         self.runtime = ""
         self._mounts_fn = mounts_fn
         self.loader = self._make_loader(self.settings)
+        self._warned: set[str] = set()
+        self._state_dir = state_dir
+        self._first_ns: int | None = None
+        self._first_error = ""
+        self.updater: Updater | None = None
+        self._evictable: list[Unadjusted] = []
+        self._evict_task: asyncio.Task[None] | None = None
 
     def _make_loader(self, settings: Settings) -> LoaderService:
         if self._mounts_fn is None:
@@ -184,7 +212,7 @@ class GpuPlugin(Plugin):
         except OSError as e:
             self.log.error(
                 "cannot create the state directory; GPU containers keep their image's ld.so.cache "
-                "(fix nri-plugin.state-dir)",
+                "(fix nri-plugin.runtime-dir)",
                 state_dir=self.loader.config.state_dir,
                 error=str(e),
             )
@@ -220,12 +248,33 @@ class GpuPlugin(Plugin):
     async def close(self) -> None:
         if self._deferred_report is not None:
             self._deferred_report.cancel()
+        if self._evict_task is not None:
+            self._evict_task.cancel()
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
             self._watch_task = None
         self.metrics.close()
+
+    def readiness(self) -> Readiness:
+        """Ready = registered with the runtime and a driver snapshot exists (``/readyz``)."""
+        counts = self._stub_counts()
+        if not counts.registered:
+            return Readiness(
+                False,
+                "not registered with the runtime ("
+                + ("reconnecting" if counts.registrations else "connecting")
+                + f" to {self.settings.socket_path}); new containers get no GPUs",
+            )
+        if self.driver.snapshot() is None:
+            why = (
+                "discovery in progress"
+                if self.driver.pending
+                else (self.driver.last_error or self.driver.no_driver_reason or "no driver found")
+            )
+            return Readiness(False, f"registered, but no NVIDIA driver snapshot: {why}")
+        return Readiness(True, "ready: registered and injecting")
 
     # -- NRI handlers --------------------------------------------------------------------------
 
@@ -240,6 +289,10 @@ class GpuPlugin(Plugin):
                 "NRI config rejected; the runtime will drop this plugin", error=str(e), runtime=self.runtime
             )
             raise
+        for warning in nri_layer.warnings:  # the file layer's were logged at start-up (cli.run)
+            if warning not in self._warned:  # Configure comes again at every reconnect: once only
+                self._warned.add(warning)
+                self.log.warning("toolkit configuration not applied", detail=warning)
         if nri_layer.ignored:  # the file layer's were logged once at start-up (cli.run)
             self.log.debug(
                 "ignoring toolkit keys this plugin does not use",
@@ -340,7 +393,7 @@ class GpuPlugin(Plugin):
                 _apply_outcome(response.adjust, outcome)
         except ContainerError as e:
             elapsed = time.perf_counter() - t0
-            self.metrics.failed(type(e).__name__, elapsed)
+            self.metrics.failed(metrics_mod.reason_label(type(e).__name__), elapsed)
             self.log.error(
                 "GPU container refused",
                 **_who(pod, container),
@@ -351,7 +404,7 @@ class GpuPlugin(Plugin):
             raise
         except Exception as e:
             elapsed = time.perf_counter() - t0
-            self.metrics.failed("InternalError", elapsed)
+            self.metrics.failed(metrics_mod.reason_label(InternalError.__name__), elapsed)
             self.log.exception(
                 "internal error handling CreateContainer",
                 e,
@@ -442,8 +495,10 @@ class GpuPlugin(Plugin):
 
         NRI fails open: a container created while the plugin was not registered (restarting,
         reconnecting, too slow) started without any adjustment. Each such container -- its request
-        resolves to GPUs on the current snapshot, yet its spec has no ``/dev/nvidiactl`` -- is
-        logged with its pod and counted in ``nri_gpu_unadjusted_containers``. Nothing is changed.
+        resolves to GPUs on the current snapshot, yet its spec has no NVIDIA device node, NVIDIA CDI
+        device or legacy hook -- is logged with its pod and counted in
+        ``nri_gpu_unadjusted_containers``; with ``evict-unadjusted`` those created after this plugin
+        first registered on the node are evicted once registration is complete (``nri_plugin.resync``).
         Right after a start the first discovery may still run (registration does not wait for it):
         then the check runs as soon as it has finished.
         """
@@ -453,6 +508,7 @@ class GpuPlugin(Plugin):
                 self.log.info("removed generated files of containers that no longer exist", count=len(gone))
         except Exception as e:
             self.log.exception("cannot clean the state directory at Synchronize", e)
+        self._record_first_registration()
         if self.driver.snapshot() is None and self.driver.pending:
             if self._deferred_report is not None:
                 self._deferred_report.cancel()
@@ -460,52 +516,126 @@ class GpuPlugin(Plugin):
                 self._report_after_discovery(pods, containers), name="unadjusted-report"
             )
             return []
-        self._report_unadjusted(pods, containers)
+        self._evictable = self._report_unadjusted(pods, containers)
         return []
+
+    def _record_first_registration(self) -> None:
+        if self._first_ns is not None:
+            return
+        if self._state_dir is None:
+            self._first_ns = time.time_ns()
+            return
+        try:
+            self._first_ns = resync.first_registered_ns(self._state_dir)
+        except OSError as e:
+            if str(e) != self._first_error:
+                self._first_error = str(e)
+                self.log.warning(
+                    "cannot read or record when this plugin first registered; no container will be "
+                    "evicted until nri-plugin.state-dir is a writable, persistent directory",
+                    state_dir=self._state_dir,
+                    error=str(e),
+                )
 
     async def _report_after_discovery(
         self, pods: list[api.PodSandbox], containers: list[api.Container]
     ) -> None:
         await asyncio.shield(self.driver.start_refresh())
-        self._report_unadjusted(pods, containers)
+        self._evictable = self._report_unadjusted(pods, containers)
+        if self._stub_counts().registered:  # registration completed meanwhile: evict now
+            self._start_evictions()
 
-    def _report_unadjusted(self, pods: list[api.PodSandbox], containers: list[api.Container]) -> None:
+    def _report_unadjusted(
+        self, pods: list[api.PodSandbox], containers: list[api.Container]
+    ) -> list[Unadjusted]:
         by_id = {pod.id: pod for pod in pods}
-        snap = self.driver.snapshot()
-        count = 0
+        found: list[Unadjusted] = []
         for container in containers:
-            if container.state == api.CONTAINER_STOPPED:
+            devices = self._unadjusted_request(container)
+            if devices is None:
                 continue
-            if any(d.path == "/dev/nvidiactl" for d in container.linux.devices):
-                continue  # adjusted by us, CDI or another injector
-            try:
-                env, mounts, privileged = request_inputs(container)
-                decision = decide(
-                    env,
-                    mounts,
-                    privileged,
-                    self.settings.hook,
-                    snap,
-                    annotations=container_annotations(container),
-                )
-            except ContainerError:
-                continue  # would have been refused; it did not ask for GPUs we could give
-            except Exception as e:  # never let one odd container break the registration
-                self.log.exception("internal error checking a synchronized container", e)
-                continue
-            if decision.request is None or not decision.adjustment.devices:
-                continue
-            count += 1
             pod = by_id.get(container.pod_sandbox_id, api.PodSandbox(id=container.pod_sandbox_id))
+            verdict = resync.classify(_created_ns(container), self._first_ns)
+            item = Unadjusted(container.id, container.pid, _who(pod, container), verdict)
+            found.append(item)
+            evicting = verdict.evict and self.settings.evict_unadjusted
             self.log.warning(
                 "GPU container is running without its GPUs (created while the plugin was not "
-                "registered); recreate it",
-                **_who(pod, container),
-                devices=decision.request.devices,
+                "registered); "
+                + ("evicting it" if evicting else "recreate it")
+                + ("" if verdict.evict or not self.settings.evict_unadjusted else "; not evicted"),
+                **item.who,
+                devices=devices,
+                evictable=verdict.evict,
+                why=verdict.why,
             )
-        self.metrics.unadjusted(count)
-        if count:
-            self.log.warning("containers without their GPUs found at Synchronize", count=count)
+        self.metrics.unadjusted(len(found))
+        if found:
+            self.log.warning("containers without their GPUs found at Synchronize", count=len(found))
+        return [u for u in found if u.verdict.evict] if self.settings.evict_unadjusted else []
+
+    def _unadjusted_request(self, container: api.Container) -> str | None:
+        """The device request of a running container that asks for GPUs but got none, else None."""
+        if container.state == api.CONTAINER_STOPPED or _has_gpu_injection(container):
+            return None
+        try:
+            env, mounts, privileged = request_inputs(container)
+            decision = decide(
+                env,
+                mounts,
+                privileged,
+                self.settings.hook,
+                self.driver.snapshot(),
+                annotations=container_annotations(container),
+            )
+        except ContainerError:
+            return None  # would have been refused; it did not ask for GPUs we could give
+        except Exception as e:  # never let one odd container break the registration
+            self.log.exception("internal error checking a synchronized container", e)
+            return None
+        if decision.request is None or not decision.adjustment.devices:
+            return None
+        return decision.request.devices
+
+    def _start_evictions(self) -> None:
+        if not self._evictable:
+            return
+        todo, self._evictable = self._evictable, []
+        if self._evict_task is not None and not self._evict_task.done():
+            self._evict_task.cancel()
+        self._evict_task = asyncio.get_running_loop().create_task(self._evict(todo), name="evict")
+
+    async def _evict(self, todo: list[Unadjusted]) -> None:
+        """Evict through NRI, then check; SIGKILL the init process of those still running."""
+        reason = resync.EVICT_REASON
+        evictions = [api.ContainerEviction(container_id=u.container_id, reason=reason) for u in todo]
+        try:
+            if self.updater is None:
+                raise ConnectionError("no NRI connection to send the eviction on")
+            await self.updater([], evictions)
+        except Exception as e:  # the fallback below still applies
+            self.log.warning("NRI eviction request failed", error=f"{type(e).__name__}: {e}")
+        await asyncio.sleep(resync.EVICT_GRACE_S)
+        for u in todo:
+            if u.pid <= 0:  # no PID in the NRI record: nothing to check or signal
+                self.metrics.evicted("nri")
+                self.log.warning("eviction of GPU container without GPUs requested through NRI only", **u.who)
+                continue
+            if not resync.owns_process(u.container_id, u.pid):  # gone: the runtime evicted it
+                self.metrics.evicted("nri")
+                self.log.warning("evicted GPU container without GPUs", **u.who, method="nri")
+                continue
+            # containerd <= 2.2 ignores UpdateContainers evictions: stop the process ourselves.
+            sent = resync.evict_fallback(u.container_id, u.pid)
+            if sent:
+                self.metrics.evicted("signal")
+            self.log.warning(
+                ("evicted" if sent else "could not evict") + " GPU container without GPUs",
+                **u.who,
+                method="signal",
+                pid=u.pid,
+                reason=resync.EVICT_REASON,
+            )
 
     async def on_registered(self) -> None:
         snap = self.driver.snapshot()
@@ -520,6 +650,7 @@ class GpuPlugin(Plugin):
         )
         self.notifier.ready(status)
         self.log.info("registered", runtime=self.runtime)
+        self._start_evictions()  # not from Synchronize itself: the runtime holds its lock there
 
     async def on_disconnected(self) -> None:
         self.notifier.status("reconnecting to the NRI socket")
@@ -543,3 +674,23 @@ def _who(pod: api.PodSandbox, container: api.Container) -> dict[str, str]:
         "pod_namespace": pod.namespace,
         "pod": pod.name,
     }
+
+
+def _has_gpu_injection(container: api.Container) -> bool:
+    """Whether some injector gave this container GPUs: an NVIDIA device node (ours, CDI's or a
+    runtime's), an NVIDIA CDI device, or the legacy prestart hook (its nodes are not in the spec)."""
+    if any(d.path.startswith("/dev/nvidia") for d in container.linux.devices):
+        return True
+    if any(d.name.startswith("nvidia.com/") for d in container.CDI_devices):
+        return True
+    return any("nvidia" in h.path for h in container.hooks.prestart)
+
+
+def _created_ns(container: api.Container) -> int | None:
+    """Creation time (unix ns): NRI's ``created_at`` (NRI >= v0.9), else the start time of its
+    init process when that process is verifiably the container's (containerd 1.7)."""
+    if container.created_at > 0:
+        return int(container.created_at)
+    if container.pid and resync.owns_process(container.id, container.pid):
+        return resync.process_start_ns(container.pid)
+    return None

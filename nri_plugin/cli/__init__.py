@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import TextIO
 
-from nri_plugin.cli import info, inspect, install, run
+from nri_plugin.cli import doctor, info, inspect, install, run
 from nri_plugin.cli.common import (
     CAPABILITIES,
     EXIT_BROKEN_PIPE,
@@ -29,7 +29,7 @@ from nri_plugin.cli.common import (
 
 __all__ = ["CAPABILITIES", "COMMANDS", "build_parser", "main"]
 
-COMMANDS: tuple[ModuleType, ...] = (run, inspect, info, install)
+COMMANDS: tuple[ModuleType, ...] = (run, inspect, info, install, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

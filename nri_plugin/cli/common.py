@@ -29,6 +29,8 @@ EXIT_CODES_HELP = """exit codes:
   2  usage or configuration error
   3  info/inspect: no usable NVIDIA driver found on the host (info only; inspect reports it as 1)
   4  install: refused to overwrite or remove a file this tool did not write
+  8|16|32|64  doctor: OR of the failing check classes: 8 NRI, 16 another GPU injector,
+     32 driver, 64 /dev/char links
   141  the output pipe was closed early (e.g. `| head`)
 """
 

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> in
     file_layer, flag_layer = load_layers(args, environ)
     settings = cfg.build(file_layer, flag_layer)
     if args.container_id:
-        return _show_record(settings.state_dir, args.container_id, args.output, out)
+        return _show_record(settings.runtime_dir, args.container_id, args.output, out)
     container = _load_container(args)
     env, mounts, privileged, label = _container_inputs(args, container)
     annotations, present = _context(args, container)
@@ -262,7 +262,7 @@ def _show_record(state_dir: str, container_id: str, output: str, out: TextIO) ->
     if record is None:
         out.write(
             f"container {container_id}: no ld.so.cache record under {state_dir!r} (not a GPU container, "
-            "created with container-ldcache = off, already removed, or another state-dir)\n"
+            "created with container-ldcache = off, already removed, or another runtime-dir)\n"
         )
         return EXIT_CONTAINER_ERROR
     if output == "json":

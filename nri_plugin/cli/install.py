@@ -133,7 +133,8 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> in
                 body = f.read()
         except OSError as e:
             raise UsageError(f"--config-file {args.config_file!r}: {e.strerror}") from None
-        cfg.parse_toml(body, args.config_file)  # raises ConfigError naming the key
+        for warning in cfg.parse_toml(body, args.config_file).warnings:  # errors raise ConfigError
+            print(f"nvidia-nri-plugin: warning: {warning}", file=sys.stderr)
         conf_text = f"{INSTALL_MARKER}\n{body}"
     # The interpreter must import the package without any environment: check before writing.
     text = install_script(args.run_arg)

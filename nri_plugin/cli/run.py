@@ -104,6 +104,8 @@ async def _serve(
 
     logs.bridge_stdlib(logger)
     stdlib_logger = logging.getLogger("nri_plugin.wire.stub")
+    for warning in file_layer.warnings:  # once per start; an NRI config's in GpuPlugin.configure
+        logger.warning("toolkit configuration not applied", detail=warning)
     if file_layer.ignored:
         logger.debug(
             "ignoring toolkit keys this plugin does not use",
@@ -125,7 +127,9 @@ async def _serve(
         launched=launched,
         notifier=Notifier(environ),
         stub_counts=counts,
+        state_dir=settings.state_dir,
     )
+    health = await _start_health(settings, plugin, logger)
     await plugin.discover(budget=DISCOVERY_WAIT_S)
     stub = Stub.from_environment(
         plugin,
@@ -135,6 +139,7 @@ async def _serve(
         logger=stdlib_logger,
     )
     stub_ref.append(stub)
+    plugin.updater = stub.update_containers
     loop = asyncio.get_running_loop()
     stopping: list[int] = []
 
@@ -169,5 +174,27 @@ async def _serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await plugin.close()
+        if health is not None:
+            await health.close()
     logger.info("stopped", exit_code=code)
     return code
+
+
+async def _start_health(settings: Settings, plugin: Any, logger: Any) -> Any:
+    """The /readyz + /healthz listener when ``health-address`` is set (a bind error is logged)."""
+    if not settings.health_address:
+        return None
+    from nri_plugin.health import HealthServer
+
+    server = HealthServer(settings.health_address, plugin.readiness)
+    try:
+        listening = await server.start()
+    except OSError as e:
+        logger.error(
+            "health endpoint not started; fix nri-plugin.health-address (probes will fail)",
+            health_address=settings.health_address,
+            error=str(e),
+        )
+        return None
+    logger.info("health endpoint listening", health_address=settings.health_address, listening=listening)
+    return server

@@ -1,6 +1,6 @@
 """The generated caches on the host: one file per container, under the plugin's state directory.
 
-Layout (``<state>`` = ``nri-plugin.state-dir``, created 0700, root-owned):
+Layout (``<state>`` = ``nri-plugin.runtime-dir``, created 0700, root-owned):
 
 * ``<state>/ldcache/content/<sha256>``: each distinct generated cache once (0444), and next to it
   ``<sha256>.json``, how it was made; containers of the same image and request share both;
@@ -90,7 +90,7 @@ class CacheStore:
         except OSError as exc:
             raise ImageReadError(
                 f"cannot write the generated ld.so.cache under {self.base!r}: {exc.strerror}; check "
-                "nri-plugin.state-dir (a root-owned directory on a local file system)"
+                "nri-plugin.runtime-dir (a root-owned directory on a local file system)"
             ) from exc
         with self._lock:
             self._digests[container_id] = digest

@@ -125,6 +125,7 @@ class ContainerRequest:
     mounts: Sequence[CriMount] = ()
     devices: Sequence[CriDevice] = ()
     privileged: bool = False
+    readonly_rootfs: bool = False
     annotations: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
     name: str = ""
@@ -262,7 +263,9 @@ class CriClient:
             labels=dict(req.labels),
             log_path=f"{name}.log",
             linux=m.LinuxContainerConfig(
-                security_context=m.LinuxContainerSecurityContext(privileged=req.privileged),
+                security_context=m.LinuxContainerSecurityContext(
+                    privileged=req.privileged, readonly_rootfs=req.readonly_rootfs
+                ),
             ),
         )
         resp = self._call(

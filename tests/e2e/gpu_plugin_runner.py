@@ -83,6 +83,8 @@ def plugin_command(
         log_level,
         "--log-file",
         str(log_file),
+        "--state-dir",
+        str(log_file.parent / "state"),
     ]
     if config is not None:
         cmd += ["--config", str(config)]
@@ -90,8 +92,8 @@ def plugin_command(
         # The generated ld.so.cache needs containerd's API socket (test_ldcache_e2e.py passes it);
         # elsewhere it is off, and the state directory never lands in the host's /run.
         cmd += ["--container-ldcache", "off"]
-    if not any(a.startswith("--state-dir") for a in extra_args):
-        cmd += ["--state-dir", str(log_file.parent / "state")]
+    if not any(a.startswith("--runtime-dir") for a in extra_args):
+        cmd += ["--runtime-dir", str(log_file.parent / "runtime")]
     return [*cmd, *extra_args]
 
 
@@ -185,8 +187,21 @@ class GpuPluginProcess:
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 20.0) -> LogRecord:
-        """Start the daemon; return its ``registered`` record once containerd accepted it."""
+    def discoveries(self) -> int:
+        """How many first discoveries finished (with or without a driver) in all starts so far."""
+        return sum(
+            1
+            for r in self.records()
+            if r.msg == "host driver discovered" or r.msg.startswith("no usable NVIDIA driver")
+        )
+
+    def start(self, timeout: float = 20.0, *, wait_discovery: bool = True) -> LogRecord:
+        """Start the daemon; return its ``registered`` record once containerd accepted it.
+
+        The daemon registers without waiting for its first driver discovery (by design); unless
+        ``wait_discovery`` is False this also waits for that discovery, so that a test's first GPU
+        container is not refused with "discovery in progress" on a loaded machine."""
+        discovered_before = self.discoveries()
         if self.pid is not None:
             raise PluginProcessError(f"nvidia-nri-plugin is already running (pid {self.pid})")
         registered_before = len(self.find("registered"))
@@ -209,7 +224,13 @@ class GpuPluginProcess:
                 start_new_session=True,
             )
         self.starts += 1
-        return self.wait_for("registered", count=registered_before + 1, timeout=timeout)
+        record = self.wait_for("registered", count=registered_before + 1, timeout=timeout)
+        deadline = time.monotonic() + 30
+        while wait_discovery and self.discoveries() <= discovered_before:
+            if time.monotonic() > deadline:
+                raise PluginProcessError(f"no driver discovery logged within 30 s\n{self.diagnostics()}")
+            time.sleep(0.02)
+        return record
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM the recorded PID; return its exit code (SIGKILL after ``timeout``)."""

@@ -69,7 +69,7 @@ def plugin(
         host,
         containerd.nri_socket,
         e2e_base / f"ldcache-plugin-{containerd.version}",
-        extra_args=["--containerd-socket", str(containerd.address), "--state-dir", str(state_dir)],
+        extra_args=["--containerd-socket", str(containerd.address), "--runtime-dir", str(state_dir)],
     )
     try:
         proc.start()

@@ -116,10 +116,11 @@ class PluginDaemon:
             sys.executable, "-m", "nri_plugin", "run",
             "--socket", str(self.socket_path),
             "--log-file", str(self.log_file),
+            "--state-dir", str(self.log_file.parent / "state"),
             *host_args(self.host_root),
             # the generated ld.so.cache is tested in test_ldcache_e2e.py; no state in the host's /run
             "--container-ldcache", "off",
-            "--state-dir", str(self.log_file.parent / "nri-state"),
+            "--runtime-dir", str(self.log_file.parent / "runtime"),
             *self.extra_args,
         ]  # fmt: skip
         if self.metrics_port:

@@ -231,7 +231,7 @@ def test_registers_while_nvml_is_slow(
     plugin = _plugin(containerd, host, "slow-nvml")
     t0 = time.monotonic()
     try:
-        plugin.start(timeout=5)  # registered well before nvmlInit returns
+        plugin.start(timeout=5, wait_discovery=False)  # registered well before nvmlInit returns
         registered_after = time.monotonic() - t0
         with pytest.raises(CriError, match="driver discovery is still in progress"):
             _gpu(cri, pod, e2e_images, "true", "early")
@@ -252,24 +252,22 @@ def test_containers_created_while_the_plugin_was_killed_are_reported(
     """NRI fails open: SIGKILL the plugin during a burst of GPU creates. Every container created
     without its GPUs is named in the restarted plugin's Synchronize report, and no other."""
     created: list[str] = []
+    spans: dict[str, tuple[float, float]] = {}  # container id -> (create sent, create answered)
     stop = threading.Event()
     errors: list[BaseException] = []
 
     def burst() -> None:
         while not stop.is_set():
             try:
-                created.append(
-                    cri.create_container(
-                        pod, ContainerRequest(image=e2e_images.refs["busybox"], command=["true"], env=GPU_ENV)
-                    )
+                t0 = time.monotonic()
+                cid = cri.create_container(
+                    pod, ContainerRequest(image=e2e_images.refs["busybox"], command=["true"], env=GPU_ENV)
                 )
-            except CriError as exc:
-                if "driver discovery is still in progress" not in exc.message:
-                    errors.append(exc)
-                    return
-                # registered again, discovery not finished yet (a loaded machine): refused by
-                # design and not created, so neither with nor without GPUs
+                spans[cid] = (t0, time.monotonic())
+                created.append(cid)
             except BaseException as exc:
+                if "driver discovery is still in progress" in str(exc):
+                    continue  # right after a restart, by design: refused, not created without GPUs
                 errors.append(exc)
                 return
             time.sleep(0.02)
@@ -277,13 +275,18 @@ def test_containers_created_while_the_plugin_was_killed_are_reported(
     plugin = _plugin(containerd, host, "churn")
     try:
         plugin.start()
-        plugin.wait_for("host driver discovered", timeout=30)
+        # Registration does not wait for discovery; on a loaded machine a create in between fails
+        # with "driver discovery in progress" (by design), which would end the burst early.
+        plugin.wait_for("host driver discovered", count=1, timeout=30)
         creator = threading.Thread(target=burst)
         creator.start()
         time.sleep(0.5)
         plugin.kill()  # SIGKILL: no goodbye to containerd
         time.sleep(1.0)
+        restart_begun = time.monotonic()
         plugin.start()
+        registered_at = time.monotonic()
+        plugin.wait_for("host driver discovered", count=2, timeout=30)
         time.sleep(0.5)
         stop.set()
         creator.join(30)
@@ -299,5 +302,8 @@ def test_containers_created_while_the_plugin_was_killed_are_reported(
     without = {cid for cid in created if not nvidia_devices(cri.container_spec(cid))}
     assert without, "no container was created while the plugin was down: the test proves nothing"
     assert len(without) < len(created)
-    assert named == without, (sorted(named), sorted(without))
-    assert report.fields["count"] == len(without)
+    # A create still in flight while the plugin registers may finish after containerd listed the
+    # containers for Synchronize: that one is reported by the next Synchronize only (documented).
+    straddling = {c for c in without if spans[c][1] >= restart_begun and spans[c][0] <= registered_at}
+    assert named <= without and without - named <= straddling, (sorted(named), sorted(without))
+    assert report.fields["count"] == len(named)

@@ -310,11 +310,16 @@ def test_install_validates_index_and_name(
 
 def test_install_validates_the_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     conf = tmp_path / "bad.toml"
-    conf.write_text("colour = 'red'\n")
+    conf.write_text("[nri-plugin]\ncolour = 'red'\n")
     code, _ = install(tmp_path, "--config-file", str(conf))
     assert code == 2
-    assert "unknown key 'colour'" in capsys.readouterr().err
+    assert "unknown key 'nri-plugin.colour'" in capsys.readouterr().err
     assert not (tmp_path / "plugins/10-nvidia-gpu").exists()
+    conf.write_text("colour = 'red'\n")  # the toolkit's namespace: a warning, installed anyway
+    code, _ = install(tmp_path, "--config-file", str(conf))
+    assert code == 0
+    assert "warning:" in capsys.readouterr().err
+    assert (tmp_path / "plugins/10-nvidia-gpu").exists()
 
 
 def _wait_for(path: Path, text: str, timeout: float = 15.0) -> str:
@@ -499,7 +504,7 @@ def test_inspect_container_id_shows_the_daemons_record(tmp_path: Path) -> None:
     store = CacheStore(str(tmp_path))
     store.prepare()
     store.write_record("abc", {"path": "fallback", "stage": "containerd", "reason": "no socket"})
-    code, out = run_cli(["inspect", "--state-dir", str(tmp_path), "--container-id", "abc"])
+    code, out = run_cli(["inspect", "--runtime-dir", str(tmp_path), "--container-id", "abc"])
     assert code == 0 and "path=fallback stage=containerd reason: no socket" in out, out
-    code, out = run_cli(["inspect", "--state-dir", str(tmp_path), "--container-id", "other"])
+    code, out = run_cli(["inspect", "--runtime-dir", str(tmp_path), "--container-id", "other"])
     assert code == 1 and "no ld.so.cache record" in out

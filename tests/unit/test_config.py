@@ -117,9 +117,8 @@ mps-pipe-dir = "/tmp/mps"
 @pytest.mark.parametrize(
     ("text", "fragments"),
     [
-        ("bogus = 1", ["unknown key 'bogus'", "src.toml"]),
         ("[nri-plugin]\nfoo = 1", ["unknown key 'nri-plugin.foo'", "plugin-name"]),
-        ("[mystery]\na = 1", ["unknown key 'mystery'"]),
+        ("[nri-plugin]\nlog-levle = 1", ["unknown key 'nri-plugin.log-levle'", "did you mean 'log-level'"]),
         ("disable-require = 'yes'", ["'disable-require'", "a boolean", "str"]),
         ("swarm-resource = 3", ["'swarm-resource'", "a string", "int"]),
         ("[nvidia-container-cli]\nroot = 5", ["'nvidia-container-cli.root'", "a string"]),
@@ -257,13 +256,40 @@ def test_host_root_prefixes_read_roots_but_not_procfs() -> None:
         cfg.build(cfg.parse_toml('[nri-plugin]\nhost-root = "relative"\n', "f"))
 
 
-def test_unknown_nvidia_container_cli_key_is_an_error_not_a_silent_default() -> None:
-    # A typo of `root` must not quietly leave the driver root at "/".
-    with pytest.raises(ConfigError, match=r"unknown key 'nvidia-container-cli.roots'.*root"):
-        cfg.build(cfg.parse_toml('[nvidia-container-cli]\nroots = "/run/nvidia/driver"\n', "f"))
-    # The toolkit's own keys of that table are still accepted and ignored.
+def test_unknown_toolkit_keys_are_warnings_that_name_the_closest_key() -> None:
+    # A newer toolkit's key must not stop the plugin fleet-wide; a typo of `root` is still loud.
+    layer = cfg.parse_toml(
+        'bogus = 1\n[nvidia-container-cli]\nroots = "/run/nvidia/driver"\n[mystery]\na = 1\n', "f.toml"
+    )
+    assert cfg.build(layer).driver_root == "/"
+    by_key = {w.split("'")[1]: w for w in layer.warnings}
+    assert set(by_key) == {"bogus", "nvidia-container-cli.roots", "mystery"}
+    assert "did you mean 'root'?" in by_key["nvidia-container-cli.roots"]
+    assert all(w.startswith("f.toml: unknown toolkit key") for w in layer.warnings)
+    # The toolkit's own keys of that table are accepted and ignored without a warning.
     layer = cfg.parse_toml('[nvidia-container-cli]\nload-kmods = true\nldconfig = "@/sbin/ldconfig"\n', "f")
     assert set(layer.ignored) == {"nvidia-container-cli.load-kmods", "nvidia-container-cli.ldconfig"}
+    assert layer.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[nvidia-container-runtime]\nmode = "cdi"', "mode = 'cdi' makes the toolkit inject CDI specs"),
+        ('[nvidia-container-runtime]\nmode = "csv"', "CSV mount specs"),
+        ('[nvidia-container-runtime.modes.csv]\nmount-spec-path = "/etc/x"', "modes.csv"),
+        ("[features]\nallow-gdrcopy = true\ndisable-imex-channel-creation = false", "[features] allow-gdrc"),
+    ],
+)
+def test_toolkit_keys_that_change_injection_are_warned_about(text: str, fragment: str) -> None:
+    layer = cfg.parse_toml(text, "config.toml")
+    assert len(layer.warnings) == 1 and fragment in layer.warnings[0], layer.warnings
+    assert "this plugin" in layer.warnings[0]
+
+
+def test_toolkit_modes_without_an_effect_give_no_warning() -> None:
+    for text in ('[nvidia-container-runtime]\nmode = "auto"', "[features]\nallow-gdrcopy = false"):
+        assert cfg.parse_toml(text, "f").warnings == (), text
 
 
 # --- one declaration per setting -------------------------------------------------------------

@@ -209,6 +209,9 @@ class Metrics:
     def ldcache(self, path: str, stage: str) -> None:
         self.ldcache_events.append((path, stage))
 
+    def evicted(self, method: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -226,7 +229,7 @@ class Harness:
                 "nri-plugin.sys-root": f"{root}/sys",
                 "nri-plugin.run-root": root,
                 "nri-plugin.use-nvml": False,
-                "nri-plugin.state-dir": str(state),
+                "nri-plugin.runtime-dir": str(state),
                 "nri-plugin.image-read-timeout": timeout,
             }
         )

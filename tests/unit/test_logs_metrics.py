@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import urllib.request
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from nri_plugin import logs, notify
 from nri_plugin.host.model import DriverSnapshot, Gpu, HostRoots
-from nri_plugin.metrics import NullMetrics, PrometheusMetrics, StubCounts, create
+from nri_plugin.metrics import NullMetrics, PrometheusMetrics, StubCounts, create, reason_label
 
 TS = 1700000000.25
 
@@ -328,7 +329,7 @@ def test_prometheus_endpoint() -> None:
     try:
         m.adjusted(0.002)
         m.adjusted(0.003)
-        m.failed("DeviceSelectionError", 0.001)
+        m.failed(reason_label("DeviceSelectionError"), 0.001)
         m.skipped(0.0001)
         m.ldcache("image-cache", "")
         m.ldcache("fallback", "containerd")
@@ -339,7 +340,7 @@ def test_prometheus_endpoint() -> None:
     assert v['nri_gpu_ldcache_total{path="image-cache",stage=""}'] == 1
     assert v['nri_gpu_ldcache_total{path="fallback",stage="containerd"}'] == 2
     assert v["nri_gpu_containers_adjusted_total"] == 2
-    assert v['nri_gpu_containers_failed_total{reason="DeviceSelectionError"}'] == 1
+    assert v['nri_gpu_containers_failed_total{reason="device_selection"}'] == 1
     assert v["nri_gpu_containers_skipped_total"] == 1
     assert v["nri_gpu_create_container_seconds_count"] == 4
     assert v['nri_gpu_create_container_seconds_bucket{le="0.0025"}'] == 3
@@ -349,8 +350,9 @@ def test_prometheus_endpoint() -> None:
     assert v["nri_gpu_driver_gpus"] == 2
     assert v["nri_gpu_driver_available"] == 1
     assert v['nri_gpu_driver_info{cuda_version="12.4",driver_version="550.54.14",source="nvml"}'] == 1
-    assert v["nri_gpu_plugin_resident_memory_bytes"] > 1_000_000
-    assert v["nri_gpu_plugin_cpu_seconds_total"] > 0
+    assert v["process_resident_memory_bytes"] > 1_000_000  # the standard process collector
+    assert v["process_cpu_seconds_total"] > 0
+    assert not [k for k in v if "_created" in k]
 
 
 def test_prometheus_without_driver() -> None:
@@ -379,3 +381,94 @@ def test_disabled_metrics_are_a_noop() -> None:
     m.skipped(1.0)
     m.ldcache("fallback", "image")
     m.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric names: docs == exposition, reason labels, the shipped PrometheusRule
+
+
+def _error_classes() -> list[type]:
+    from nri_plugin import errors
+    from nri_plugin.plugin import InternalError
+
+    seen: list[type] = []
+    todo: list[type] = [errors.ContainerError]
+    while todo:
+        cls = todo.pop()
+        seen.append(cls)
+        todo.extend(cls.__subclasses__())
+    assert InternalError in seen
+    return seen
+
+
+def test_reason_labels_are_stable_snake_case() -> None:
+    assert reason_label("DriverNotFoundError") == "driver_not_found"
+    assert reason_label("InternalError") == "internal"
+    assert reason_label("NVMLError") == "nvml"
+    assert reason_label("CUDAVersionError") == "cuda_version"
+    labels = {cls.__name__: reason_label(cls.__name__) for cls in _error_classes()}
+    assert all(re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", v) for v in labels.values()), labels
+    assert len(set(labels.values())) == len(labels), labels  # no two classes share a label
+
+
+def exposed_names(text: str) -> set[str]:
+    """Metric names as a scrape exposes them (counters with ``_total``, histograms by base name)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name + ("_total" if f.type == "counter" else "") for f in text_string_to_metric_families(text)}
+
+
+def documented_names() -> set[str]:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([a-z_]+)`", section, re.M))
+
+
+def test_documented_metric_names_are_exactly_the_exported_ones() -> None:
+    from prometheus_client import generate_latest
+
+    m = PrometheusMetrics("127.0.0.1:0", snapshot=_snapshot)
+    m.failed("internal", 0.001)
+    m.evicted("signal")
+    names = exposed_names(generate_latest(m.registry).decode())
+    assert not [n for n in names if n.endswith("_created")]
+    assert {n for n in names if n.startswith("process_")} >= {
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
+    }
+    assert documented_names() == names, (
+        f"undocumented: {sorted(names - documented_names())}; "
+        f"documented, not exported: {sorted(documented_names() - names)}"
+    )
+
+
+def test_prometheus_rule_alerts_on_exported_metrics_only() -> None:
+    import yaml  # type: ignore[import-untyped]
+    from prometheus_client import generate_latest
+
+    rule = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "deploy" / "monitoring" / "prometheusrule.yaml").read_text()
+    )
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["kind"] == "PrometheusRule"
+    assert rule["metadata"]["namespace"] == "nvidia-nri-plugin"
+    m = PrometheusMetrics("127.0.0.1:0", snapshot=_snapshot)
+    text = generate_latest(m.registry).decode()
+    samples = set(re.findall(r"^([a-z_]+)", text, re.M)) | exposed_names(text)
+    alerts = {}
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}, r
+            assert re.fullmatch(r"[0-9]+[smh]", r["for"]), r
+            assert r["labels"]["severity"] in ("warning", "critical")
+            assert r["annotations"]["summary"] and r["annotations"]["description"]
+            used = set(re.findall(r"\b(nri_gpu_[a-z_]+|process_[a-z_]+)\b", r["expr"]))
+            assert used and used <= samples, (r["alert"], used - samples)
+            assert r["expr"].count("(") == r["expr"].count(")"), r["expr"]
+            alerts[r["alert"]] = r
+    assert {
+        "NvidiaNriPluginNotRegistered",
+        "NvidiaNriPluginFailuresRising",
+        "NvidiaNriPluginDriverUnavailable",
+    } <= set(alerts)
+    assert alerts["NvidiaNriPluginNotRegistered"]["for"] == "1m"

@@ -156,6 +156,9 @@ def test_unit_ordering_and_restart(unit: dict[str, dict[str, list[str]]]) -> Non
     assert last(unit, "Service", "RestartSec") == "100ms"  # issue 12: fail-open window
     assert last(unit, "Service", "RestartPreventExitStatus") == "2"  # config errors: no loop
     assert last(unit, "Install", "WantedBy") == "multi-user.target"
+    # kubelet waits for READY=1 (registered): no pod on the node before injection works
+    assert "kubelet.service" in last(unit, "Unit", "Before").split()
+    assert "/var/lib/" + last(unit, "Service", "StateDirectory") == plugin_config.Settings().state_dir
 
 
 def test_unit_notify_and_logging(unit: dict[str, dict[str, list[str]]]) -> None:
@@ -303,7 +306,14 @@ def test_daemonset_container_security_and_resources() -> None:
     assert "memory" in c["resources"]["limits"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["NVIDIA_VISIBLE_DEVICES"] == "void"
-    assert c["livenessProbe"]["httpGet"]["port"] == "metrics"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    probes = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    for probe, path in probes.items():
+        assert c[probe]["httpGet"] == {"path": path, "port": "health"}, probe
+    settings = plugin_config.build(plugin_config.parse_toml(configmap_toml(), "ConfigMap"))
+    assert plugin_config.parse_address(settings.health_address)[1] == ports["health"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["node-state"] == settings.state_dir  # survives pod restarts: a hostPath
     assert c["command"][:2] == ["nvidia-nri-plugin", "run"]
 
 
@@ -434,3 +444,18 @@ def test_operations_doc_lists_the_error_messages() -> None:
         "both tried to set device",
     ):
         assert message in text, message
+
+
+def test_image_tag_is_the_package_version_and_the_containerfile_uses_the_same_inputs() -> None:
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    kust = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    name, _, tag = plugin_container()["image"].rpartition(":")
+    assert (kust["images"][0]["name"], kust["images"][0]["newTag"], tag) == (name, version, version)
+    containerfile = (DEPLOY / "image" / "Containerfile").read_text()
+    for used in ("deploy/image/requirements.txt", "deploy/image/nvidia-nri-plugin", "LICENSE"):
+        assert used in containerfile and (REPO / used).exists(), used
+    assert "--require-hashes" in containerfile
+    pins = (DEPLOY / "image" / "requirements.txt").read_text()
+    for dep in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name = re.split(r"[<>=!~\[ ;]", dep, maxsplit=1)[0]
+        assert f"{name}==" in pins, f"{name} (a pyproject dependency) is not pinned in deploy/image/"

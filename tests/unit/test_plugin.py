@@ -49,6 +49,9 @@ class RecordingMetrics:
     def ldcache(self, path: str, stage: str) -> None:
         self.events.append(("ldcache", f"{path}:{stage}"))
 
+    def evicted(self, method: str) -> None:
+        self.events.append(("evicted", method))
+
     def close(self) -> None:
         pass
 
@@ -166,7 +169,7 @@ def test_container_error_is_logged_and_reraised(harness: Harness) -> None:
     [line] = harness.records()
     assert line["level"] == "error" and line["reason"] == "DeviceSelectionError"
     assert line["error"] == str(info.value)
-    assert harness.metrics.events == [("failed", "DeviceSelectionError")]
+    assert harness.metrics.events == [("failed", "device_selection")]
 
 
 def test_unexpected_exception_becomes_internal_container_error(
@@ -181,7 +184,7 @@ def test_unexpected_exception_becomes_internal_container_error(
     assert isinstance(info.value.__cause__, KeyError)
     [line] = harness.records()
     assert line["level"] == "error" and "Traceback" in str(line["traceback"])
-    assert harness.metrics.events == [("failed", "InternalError")]
+    assert harness.metrics.events == [("failed", "internal")]
 
 
 def test_without_driver_only_gpu_containers_fail(tmp_path: Path) -> None:
@@ -221,6 +224,16 @@ def test_bad_nri_config_fails_configure_loudly(harness: Harness) -> None:
     [line] = harness.records()
     assert line["level"] == "error" and "drop this plugin" in str(line["msg"])
     assert harness.plugin.settings.log_level == "info"  # unchanged
+
+
+def test_toolkit_warnings_of_the_nri_config_are_logged_once(harness: Harness) -> None:
+    text = '[nvidia-container-runtime]\nmode = "cdi"\n[nvidia-container-cli]\nfuture-key = 1\n'
+    for _ in range(3):  # Configure comes again at every reconnect
+        asyncio.run(harness.plugin.configure(text, "containerd", "2.1.9"))
+    warned = [r for r in harness.records() if r["msg"] == "toolkit configuration not applied"]
+    assert [r["level"] for r in warned] == ["warning", "warning"]
+    details = " ".join(str(r["detail"]) for r in warned)
+    assert "mode = 'cdi'" in details and "nvidia-container-cli.future-key" in details
 
 
 def test_configure_with_new_roots_rediscovers(tmp_path: Path, host: FakeHost) -> None:
