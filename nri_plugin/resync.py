@@ -63,15 +63,17 @@ def first_registered_ns(state_dir: str, now_ns: int | None = None) -> int:
 
 
 def process_start_ns(pid: int, proc_root: str = "/proc") -> int | None:
-    """Start time of ``pid`` as unix ns (from ``stat`` and the boot time), or None."""
+    """Start time of ``pid`` as unix ns, or None: its ``starttime`` (clock ticks since boot, on
+    the boot-time clock) placed on the wall clock through ``CLOCK_BOOTTIME`` now. (``btime`` of
+    ``/proc/stat`` is whole seconds: a container started within a second after the plugin's first
+    registration could be taken for an older one.)"""
     try:
         with open(f"{proc_root}/{pid}/stat") as f:
             ticks = int(f.read().rpartition(")")[2].split()[19])
-        with open(f"{proc_root}/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError):
         return None
-    return (btime * 10**9) + ticks * 10**9 // os.sysconf("SC_CLK_TCK")
+    boot_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    return boot_ns + ticks * 10**9 // os.sysconf("SC_CLK_TCK")
 
 
 def owns_process(container_id: str, pid: int, proc_root: str = "/proc") -> bool:

@@ -104,6 +104,22 @@ def test_process_start_time_is_unix_time() -> None:
     assert resync.process_start_ns(2**22 + 7) is None
 
 
+def test_process_start_time_is_precise_to_a_few_ticks() -> None:
+    # A container started right after the first registration must not look older than it: the
+    # start time has to be good to a few clock ticks, not to the whole second of /proc/stat btime.
+    t0 = time.time_ns()
+    child = subprocess.Popen(["sleep", "5"])
+    t1 = time.time_ns()
+    try:
+        started = resync.process_start_ns(child.pid)
+        assert started is not None
+        tick = 10**9 // os.sysconf("SC_CLK_TCK")
+        assert t0 - 3 * tick <= started <= t1 + 3 * tick, (t0, started, t1)
+    finally:
+        child.kill()
+        child.wait()
+
+
 # --- the plugin at Synchronize ---------------------------------------------------------------------
 
 
