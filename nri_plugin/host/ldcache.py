@@ -82,9 +82,11 @@ def _arch_of(flags: int) -> tuple[str, bool]:
     return _ARCHES.get(bits, (f"flags-{bits:#06x}", False))
 
 
-def _string_at(data: bytes, base: int, offset: int, what: str) -> str:
+def _cstring(data: bytes, base: int, offset: int, what: str) -> bytes:
+    """The NUL-terminated string at ``base + offset`` of a cache file (offsets are relative to the
+    string table or header ``base``); a corrupt offset is a :class:`HostDiscoveryError`."""
     start = base + offset
-    if offset < 0 or start >= len(data):
+    if offset < 0 or start < 0 or start >= len(data):
         raise HostDiscoveryError(
             f"ld.so.cache {what} string offset {offset} is outside the {len(data)}-byte file: the cache is "
             "corrupt; regenerate it with 'ldconfig'"
@@ -95,7 +97,11 @@ def _string_at(data: bytes, base: int, offset: int, what: str) -> str:
             f"ld.so.cache {what} string at offset {offset} is not NUL-terminated: the cache is corrupt; "
             "regenerate it with 'ldconfig'"
         )
-    return data[start:end].decode("utf-8", errors="surrogateescape")
+    return data[start:end]
+
+
+def _string_at(data: bytes, base: int, offset: int, what: str) -> str:
+    return _cstring(data, base, offset, what).decode("utf-8", errors="surrogateescape")
 
 
 def _entry(data: bytes, base: int, flags: int, key: int, value: int) -> LdCacheEntry:
@@ -219,21 +225,6 @@ class CacheFile:
     has_old: bool
 
 
-def _cstring(data: bytes, start: int, what: str) -> bytes:
-    if start < 0 or start >= len(data):
-        raise HostDiscoveryError(
-            f"ld.so.cache {what} string offset {start} is outside the {len(data)}-byte file: the "
-            "cache is corrupt; regenerate it with 'ldconfig'"
-        )
-    end = data.find(b"\0", start)
-    if end < 0:
-        raise HostDiscoveryError(
-            f"ld.so.cache {what} string at offset {start} is not NUL-terminated: the cache is corrupt; "
-            "regenerate it with 'ldconfig'"
-        )
-    return data[start:end]
-
-
 def _new_records(data: bytes, start: int) -> list[CacheRecord]:
     _parse_new(data, start)  # header, byte order and entry-count checks (raises)
     order = ">" if data[start + 28] & 0x3 == _ENDIAN_BIG else "<"
@@ -244,8 +235,8 @@ def _new_records(data: bytes, start: int) -> list[CacheRecord]:
         flags, key, value, osversion, hwcap = struct.unpack_from(order + "iIIIQ", data, offset)
         out.append(
             CacheRecord(
-                _cstring(data, start + key, "key"),
-                _cstring(data, start + value, "value"),
+                _cstring(data, start, key, "key"),
+                _cstring(data, start, value, "value"),
                 flags,
                 osversion,
                 hwcap,
@@ -271,7 +262,7 @@ def parse_cache_file(data: bytes) -> CacheFile:
     for i in range(nlibs):
         flags, key, value = struct.unpack_from("<iII", data, OLD_HEADER_SIZE + i * OLD_ENTRY_SIZE)
         records.append(
-            CacheRecord(_cstring(data, strings + key, "key"), _cstring(data, strings + value, "value"), flags)
+            CacheRecord(_cstring(data, strings, key, "key"), _cstring(data, strings, value, "value"), flags)
         )
     return CacheFile(tuple(records), has_old=True)
 
