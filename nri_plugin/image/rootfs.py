@@ -203,15 +203,19 @@ class ImageRoot:
 
     # -- contents -------------------------------------------------------------------------------
 
+    def _open(self, node: Node) -> int:
+        """A read-only descriptor of ``node``'s file in its layer, never through a symlink."""
+        self.budget.spend()
+        try:
+            return os.open(node.host_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageReadError(f"cannot open {node.path!r} in the image: {exc.strerror}") from exc
+
     def read(self, node: Node, limit: int) -> bytes:
         """The contents of the regular file ``node``, at most ``limit`` bytes (more: an error)."""
         if node.kind != "file":
             raise ImageReadError(f"{node.path!r} in the image is a {node.kind}, not a regular file")
-        self.budget.spend()
-        try:
-            fd = os.open(node.host_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ImageReadError(f"cannot open {node.path!r} in the image: {exc.strerror}") from exc
+        fd = self._open(node)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -230,11 +234,7 @@ class ImageRoot:
 
     def pread(self, node: Node, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of the regular file ``node`` (fewer at its end)."""
-        self.budget.spend()
-        try:
-            fd = os.open(node.host_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ImageReadError(f"cannot open {node.path!r} in the image: {exc.strerror}") from exc
+        fd = self._open(node)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return b""
