@@ -92,6 +92,12 @@ def run(
     return result
 
 
+def host_devices(host: FakeHost, *paths: str) -> tuple[CriDevice, ...]:
+    """CRI devices: the fake host's nodes at the same paths in the container (what CDI or another
+    injector would have added)."""
+    return tuple(CriDevice(str(host.path(path)), path) for path in paths)
+
+
 def gpu_nodes(result: ContainerResult) -> set[str]:
     return {p for p in nvidia_devices(result.spec) if re.fullmatch(r"/dev/nvidia[0-9]+", p)}
 
@@ -220,10 +226,7 @@ def test_container_with_gpus_from_elsewhere_is_left_alone(
 ) -> None:
     # As another injector would have: GPU 0's nodes and the driver's libcuda, in an unprivileged
     # container that also carries the device plugin's request for GPU 0.
-    devices = (
-        CriDevice(str(host.path("/dev/nvidia0")), "/dev/nvidia0"),
-        CriDevice(str(host.path("/dev/nvidiactl")), "/dev/nvidiactl"),
-    )
+    devices = host_devices(host, "/dev/nvidia0", "/dev/nvidiactl")
     libcuda = f"{host.lib_dir}/libcuda.so.{host.driver_version}"
     mounts = (
         CriMount(str(host.path(libcuda)), "/usr/lib/x86_64-linux-gnu/libcuda.so.1", readonly=True),
@@ -245,7 +248,7 @@ def test_cdi_applied_by_the_runtime_is_not_a_request(
     containerd: Containerd, plugin: GpuPluginProcess, pod: Pod, host: FakeHost, e2e_images: BuiltImages
 ) -> None:
     # nvidia-ctk's CDI specs set NVIDIA_VISIBLE_DEVICES=void next to the nodes they add: untouched.
-    devices = (CriDevice(str(host.path("/dev/nvidia1")), "/dev/nvidia1"),)
+    devices = host_devices(host, "/dev/nvidia1")
     env = {"NVIDIA_VISIBLE_DEVICES": "void"}
     result = run(
         containerd.cri, pod, e2e_images, "cdi-void", "true", env=env, privileged=False, devices=devices
@@ -259,10 +262,7 @@ def test_pass_device_specs_pod_still_gets_the_driver(
 ) -> None:
     # The device plugin with --pass-device-specs adds the GPU's nodes (and the volume mount), but
     # no driver: device nodes alone are no sign of another injector.
-    devices = (
-        CriDevice(str(host.path("/dev/nvidia1")), "/dev/nvidia1"),
-        CriDevice(str(host.path("/dev/nvidiactl")), "/dev/nvidiactl"),
-    )
+    devices = host_devices(host, "/dev/nvidia1", "/dev/nvidiactl")
     mounts = (CriMount("/dev/null", f"{VOLUME_ROOT}/1", readonly=True),)
     result = run(
         containerd.cri, pod, e2e_images, "pass-specs", "/usr/bin/gpu-probe", privileged=False,
