@@ -123,6 +123,11 @@ class FileId:
     # the way, whose entries may change freely, and for IPC entries, which containers write to.
     stamp_ns: int = 0
     follow: bool = False  # True only for a configured root itself (which may be a symlink)
+    # The owner, compared when >= 0: of an entry pinned itself (IPC sockets and directories, which
+    # are mounted read-write and were trusted for their owner at discovery; a new entry on a reused
+    # inode, or one handed to another user, must not pass). Not the mode: containers may chmod what
+    # they have mounted read-write, and discovery's trust does not depend on it. -1 elsewhere.
+    uid: int = -1
 
 
 class SnapshotCache:

@@ -55,10 +55,13 @@ def _stamp(fmt: int, st: os.stat_result) -> int:
     return st.st_ctime_ns
 
 
-def _file_id(path: str, st: os.stat_result, *, follow: bool = False, stamped: bool = False) -> FileId:
+def _file_id(
+    path: str, st: os.stat_result, *, follow: bool = False, stamped: bool = False, owner: bool = False
+) -> FileId:
     fmt = stat.S_IFMT(st.st_mode)
     stamp = _stamp(fmt, st) if stamped else 0
-    return FileId(path=path, dev=st.st_dev, ino=st.st_ino, fmt=fmt, stamp_ns=stamp, follow=follow)
+    uid = st.st_uid if owner else -1
+    return FileId(path=path, dev=st.st_dev, ino=st.st_ino, fmt=fmt, stamp_ns=stamp, follow=follow, uid=uid)
 
 
 def pin(root: str, host_path: str, *, by_directory: bool = False) -> tuple[FileId, ...]:
@@ -99,7 +102,7 @@ def pin(root: str, host_path: str, *, by_directory: bool = False) -> tuple[FileI
                     # the same tick would not move the mtime, so the file is pinned as well.
                     chain.append(_file_id(current, st, stamped=True))
             else:
-                chain.append(_file_id(current, st))
+                chain.append(_file_id(current, st, owner=last))
     except OSError as exc:
         raise HostDiscoveryError(f"cannot pin mount source {host_path!r}: {exc.strerror}") from exc
     return tuple(chain)
@@ -144,6 +147,8 @@ def check(pinned: FileId) -> str | None:
         return f"{pinned.path} is now {kind_name(fmt)}, was {kind_name(pinned.fmt)}"
     if st.st_ino != pinned.ino or st.st_dev != pinned.dev:
         return f"{pinned.path} was replaced (inode {pinned.dev}:{pinned.ino} -> {st.st_dev}:{st.st_ino})"
+    if pinned.uid >= 0 and st.st_uid != pinned.uid:
+        return f"{pinned.path} changed owner (uid {st.st_uid}, was {pinned.uid})"
     if pinned.stamp_ns and _stamp(fmt, st) != pinned.stamp_ns:
         what = "entries were added, removed or replaced" if fmt == stat.S_IFDIR else "it was modified"
         return f"{pinned.path} changed ({what})"

@@ -6,6 +6,9 @@ what an attacker on the node would and checks the final OCI spec and what the co
 ``test_planted_ipc_symlinks_are_not_mounted``
     A local user's ``/tmp/nvidia-mps -> /etc`` and a fabricmanager socket ``-> /``: before the fix
     every compute container got ``/etc`` read-write at ``/etc`` (resp. failed to start).
+``test_untrusted_ipc_entries_are_not_mounted``
+    An MPS directory owned by a local user, a regular file at the persistenced socket's path, and a
+    socket handed to a local user after discovery: none is mounted; GPU containers still run.
 ``test_swapped_library_is_refused_then_recovers``
     The driver root's libcuda is replaced by a symlink to a host file after discovery
     (CVE-2024-0132 class). containerd must never get that path: the create fails with a clear
@@ -48,6 +51,7 @@ from .images import BuiltImages
 
 GPU_ENV = {"NVIDIA_VISIBLE_DEVICES": "0", "NVIDIA_DRIVER_CAPABILITIES": "compute,utility"}
 MIB = 1 << 20
+USER = 1000
 UNADJUSTED_MSG = (
     "GPU container is running without its GPUs (created while the plugin was not registered); recreate it"
 )
@@ -112,6 +116,38 @@ def test_planted_ipc_symlinks_are_not_mounted(
     refused = {r.fields.get("note", "") for r in notes}
     assert any(str(n).startswith("refused ipc path /tmp/nvidia-mps:") for n in refused), refused
     assert any(str(n).startswith("refused ipc path /run/nvidia-fabricmanager/socket:") for n in refused)
+
+
+def test_untrusted_ipc_entries_are_not_mounted(
+    containerd: Containerd, cri: CriClient, pod: Pod, host: FakeHost, e2e_images: BuiltImages
+) -> None:
+    """Not symlinks this time: an MPS directory a local user owns (and filled), a regular file where
+    the persistenced socket belongs; then, while the plugin runs, the trusted fabricmanager socket
+    handed to a local user. None of them reaches a container; the GPU containers still run."""
+    mps = host.path("/tmp/nvidia-mps")
+    os.chown(mps, USER, USER)
+    (mps / "control").write_text("planted by uid 1000\n")
+    sock = host.path("/run/nvidia-persistenced/socket")
+    sock.unlink()
+    sock.write_text("planted\n")
+    fabric = "/run/nvidia-fabricmanager/socket"
+    with _plugin(containerd, host, "ipc-owner") as plugin:
+        spec, log, code = _gpu(cri, pod, e2e_images, "ls /tmp/nvidia-mps 2>&1; /usr/bin/gpu-probe", "owner")
+        assert code == 0 and "PROBE_OK" in log, log
+        assert "planted" not in log and "control" not in log, log
+        mounts = mounts_by_destination(spec)
+        assert "/tmp/nvidia-mps" not in mounts and "/run/nvidia-persistenced/socket" not in mounts
+        assert fabric in mounts, sorted(mounts)  # trusted so far
+        refused = {str(r.fields.get("note", "")) for r in plugin.find("host driver: refused")}
+        assert any(n.startswith("refused ipc path /tmp/nvidia-mps:") and "uid 1000" in n for n in refused)
+        assert any("persistenced/socket" in n and "is a regular file, not a socket" in n for n in refused)
+        # After discovery: the pinned socket's owner changes; the next container is decided again on
+        # a rediscovered snapshot that refuses it.
+        os.chown(host.path(fabric), USER, USER)
+        spec, log, code = _gpu(cri, pod, e2e_images, "/usr/bin/gpu-probe", "chowned")
+        assert code == 0 and "PROBE_OK" in log, log
+        assert fabric not in mounts_by_destination(spec)
+        assert plugin.find("host driver changed under a snapshot; rediscovering")
 
 
 def test_swapped_library_is_refused_then_recovers(

@@ -91,13 +91,36 @@ def test_mps_dir_symlink_is_refused(tmp_path: Path, target: str) -> None:
     assert all(not src.endswith("/etc") and src != str(host.root) for src in mounts.values())
 
 
-@pytest.mark.parametrize("candidate", ["/run/nvidia-persistenced/socket", "/run/nvidia-fabricmanager/socket"])
-def test_socket_symlink_is_refused(tmp_path: Path, candidate: str) -> None:
+SOCKETS = ["/run/nvidia-persistenced/socket", "/run/nvidia-fabricmanager/socket"]
+
+
+@pytest.mark.parametrize("target", ["/etc", "/"])
+@pytest.mark.parametrize("candidate", SOCKETS)
+def test_socket_symlink_is_refused(tmp_path: Path, candidate: str, target: str) -> None:
     host = _host(tmp_path)
     host.path("/etc").mkdir(exist_ok=True)
-    _replace_with_symlink(host.path(candidate), "/etc")
+    assert candidate in _ipc_mounts(_snap(host))  # the fake host serves it before the attack
+    _replace_with_symlink(host.path(candidate), target)
     snap = _snap(host)
-    assert any(n.startswith(f"refused ipc path {candidate}:") for n in snap.missing), snap.missing
+    assert any(
+        n.startswith(f"refused ipc path {candidate}:") and "is a symlink" in n for n in snap.missing
+    ), snap.missing
+    mounts = _ipc_mounts(snap)
+    assert candidate not in mounts
+    assert all(not src.endswith("/etc") and src != str(host.root) for src in mounts.values())
+
+
+@pytest.mark.parametrize("candidate", SOCKETS)
+def test_socket_owned_by_a_local_user_is_refused(tmp_path: Path, candidate: str) -> None:
+    """A socket in a root-owned directory, but owned by a local user (who could not have created
+    it there: a leftover of a mis-configured daemon, or a reused name), is not mounted."""
+    host = _host(tmp_path)
+    os.chown(host.path(candidate), USER, USER)
+    snap = _snap(host)
+    assert any(
+        n.startswith(f"refused ipc path {candidate}:") and "owned by uid 1000, not root" in n
+        for n in snap.missing
+    ), snap.missing
     assert candidate not in _ipc_mounts(snap)
 
 
@@ -121,6 +144,43 @@ def test_regular_file_is_not_a_socket_and_socket_is_not_a_dir(tmp_path: Path) ->
     assert snap.persistenced_socket is None and snap.mps_pipe_dir is None
     assert any("is a regular file, not a socket" in n for n in snap.missing), snap.missing
     assert any("is a socket, not a directory" in n for n in snap.missing), snap.missing
+
+
+def test_regular_file_at_the_mps_dir_path_is_refused(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    shutil.rmtree(host.path("/tmp/nvidia-mps"))
+    host.path("/tmp/nvidia-mps").write_text("planted")
+    snap = _snap(host)
+    assert snap.mps_pipe_dir is None
+    assert any(
+        n.startswith("refused ipc path /tmp/nvidia-mps:") and "is a regular file, not a directory" in n
+        for n in snap.missing
+    ), snap.missing
+    assert "/tmp/nvidia-mps" not in _ipc_mounts(snap)
+
+
+@pytest.mark.parametrize("entry", ["/tmp/nvidia-mps", "/run/nvidia-persistenced/socket"])
+def test_ipc_entry_handed_to_someone_else_after_discovery_is_refused(tmp_path: Path, entry: str) -> None:
+    """The owner was trusted at discovery; the per-container check compares the owner too, so a
+    pinned IPC entry given to a local user (or a new one on a reused inode) is not mounted."""
+    host = _host(tmp_path)
+    driver = HostDriver(host.roots, use_nvml=False)
+    driver.refresh()
+    snap = driver.snapshot()
+    assert snap is not None and entry in _ipc_mounts(snap)
+    _decide(snap)
+    assert not driver.changed()
+    os.chown(host.path(entry), USER, USER)
+    with pytest.raises(DriverChangedError, match=f"{entry} changed owner \\(uid 1000, was 0\\)"):
+        _decide(snap)
+    assert driver.changed()  # the watch loop sees it too
+    driver.refresh()
+    new = driver.snapshot()
+    assert new is not None
+    # rediscovery refuses the entry now, and GPU containers are served without it
+    assert entry not in _ipc_mounts(new)
+    assert any(n.startswith(f"refused ipc path {entry}:") for n in new.missing), new.missing
+    _decide(new)
 
 
 def test_privilege_dropping_daemon_socket_is_accepted(tmp_path: Path) -> None:
