@@ -310,7 +310,8 @@ class Bench:
             gpu,
             [
                 "NVIDIA_VISIBLE_DEVICES=" + ",".join(str(i % self.args.gpus) for i in range(8190)),
-                *(f"NVIDIA_REQUIRE_{c}=" + "cuda>=1.0," * 819 for c in "ABCD"),
+                # 4 x 256 distinct, true terms: the term limit (MAX_REQUIREMENT_TERMS), all evaluated
+                *(f"NVIDIA_REQUIRE_{c}=" + ",".join(f"cuda>=1.{i}" for i in range(256)) for c in "ABCD"),
             ],
         )
 
@@ -452,7 +453,7 @@ class Bench:
             "c-handler": "(c) GPU, 8 GPUs: GpuPlugin.create_container",
             "c-full": "(c) GPU, 8 GPUs: decode + handler + encode",
             "h-refused-full": "(h) hostile, refused: 2 MiB CUDA_VERSION, decode+all",
-            "h-limits-full": "(h) hostile, at limits: 8190 ids, 32 KiB reqs, decode+all",
+            "h-limits-full": "(h) hostile, at limits: 8190 ids, 1024 req terms, decode+all",
             "c-pins": "(c) handler, interleaved: pins re-checked",
             "c-nopins": "(c) handler, interleaved: pin check off",
             "ld-on": "(d) handler, interleaved: ld.so.cache generated",

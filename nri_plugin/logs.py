@@ -77,13 +77,18 @@ FIELD_MAX = 2048  # characters of one string field value (or of one element of a
 LIST_MAX = 256  # elements of one list field value
 
 
+def bounded_text(value: str) -> str:
+    """``value`` cut to :data:`FIELD_MAX` characters, with a note of its real size."""
+    if len(value) <= FIELD_MAX:
+        return value
+    return f"{value[:FIELD_MAX]}... ({len(value)} characters in all)"
+
+
 def bounded(value: object) -> object:
     """``value`` with long strings cut to :data:`FIELD_MAX` (and long lists to :data:`LIST_MAX`),
     each with a note of the real size: a container-controlled value never makes a 1 MiB line."""
     if isinstance(value, str):
-        if len(value) <= FIELD_MAX:
-            return value
-        return f"{value[:FIELD_MAX]}... ({len(value)} characters in all)"
+        return bounded_text(value)
     if isinstance(value, list | tuple):
         items = [bounded(v) for v in value[:LIST_MAX]]
         if len(value) > LIST_MAX:
@@ -388,7 +393,8 @@ class Logger:
         if level < self._out.level:
             return
         merged = {**self._context, **fields} if self._context else fields
-        rec = Record(time.time(), level, msg, {k: bounded(v) for k, v in merged.items()})
+        # The message too: the stdlib bridge's carry interpolated arguments (a library's, a peer's).
+        rec = Record(time.time(), level, bounded_text(msg), {k: bounded(v) for k, v in merged.items()})
         try:
             self._out.sink.emit(rec)
         except Exception:  # a logging failure must never take the daemon down

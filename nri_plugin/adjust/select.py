@@ -117,9 +117,11 @@ def select_devices(ids: Sequence[str], snapshot: DriverSnapshot) -> Selection:
     """Resolve device ids (already comma-split) against the snapshot; see the module docstring."""
     full: dict[Gpu, None] = {}  # in request order
     migs: dict[MigDevice, Gpu] = {}
+    seen: set[str] = set()  # a repeated id selects nothing new: matched once (8 190 x "0" is cheap)
     for device_id in ids:
-        if not device_id:
+        if not device_id or device_id in seen:
             continue  # extra commas are allowed
+        seen.add(device_id)
         if device_id.lower() == "all":
             all_migs = tuple(mig for gpu in snapshot.gpus for mig in gpu.mig_devices)
             parents = tuple(gpu for gpu in snapshot.gpus for _ in gpu.mig_devices)

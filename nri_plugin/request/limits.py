@@ -5,8 +5,10 @@ containerd drops a plugin that does not answer within 2 s -- after which every c
 without GPUs (NRI fails open). An unprivileged pod controls its environment and mounts, so the work
 any one container can cause must be small and bounded: each variable below has a byte limit far
 above any real value, checked before the value is split or parsed; the parsers after it are linear.
-With every value at its limit the whole decision takes tens of milliseconds (``bench/bench.py``,
-case ``hostile-at-limits``).
+The requirement terms are capped by count too (:data:`MAX_REQUIREMENT_TERMS`), since their
+evaluation, not their size, is what costs. With every value at its limits the whole decision stays
+within a few tens of milliseconds, a small fraction of containerd's 2 s (``bench/bench.py``, case
+``(h) hostile, at limits``).
 
 Deviation from the hook: it had no limits but Linux's MAX_ARG_STRLEN (128 KiB per string, see
 ``requirements.MAX_REQUIREMENT_BYTES``); a value over a limit here fails the container with
@@ -15,6 +17,7 @@ Deviation from the hook: it had no limits but Linux's MAX_ARG_STRLEN (128 KiB pe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -25,10 +28,12 @@ __all__ = [
     "DEVICE_LIST_LIMIT",
     "MAX_ANNOTATION_TOTAL",
     "MAX_DEVICE_MOUNTS",
+    "MAX_REQUIREMENT_TERMS",
     "MAX_REQUIREMENT_TOTAL",
     "VALUE_LIMITS",
     "checked",
     "limit_for",
+    "requirement_terms",
     "shorten",
 ]
 
@@ -50,6 +55,10 @@ VALUE_LIMITS: Mapping[str, int] = MappingProxyType(
 DEFAULT_VALUE_LIMIT = DEVICE_LIST_LIMIT
 REQUIREMENT_LIMIT = 8 * 1024
 MAX_REQUIREMENT_TOTAL = 32 * 1024  # all NVIDIA_REQUIRE_* values together
+# Terms (``key op value`` between commas and spaces) of all NVIDIA_REQUIRE_* values together: what
+# evaluation costs grows with. The CUDA base images' NVIDIA_REQUIRE_CUDA has about 90; 32 KiB of
+# "cuda>=1.0," would be 3 276, each parsed and compared once per distinct GPU model selected.
+MAX_REQUIREMENT_TERMS = 1024
 MAX_DEVICE_MOUNTS = 1024  # /var/run/nvidia-container-devices/<id> mounts of one container
 MAX_ANNOTATION_TOTAL = 4 * DEVICE_LIST_LIMIT  # all cdi.k8s.io/* annotation values of one container
 PATH_LIMIT = 4096  # PATH_MAX, for mount destinations we parse
@@ -62,6 +71,15 @@ def shorten(value: str, limit: int = _SHOWN) -> str:
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}... ({len(value)} characters in all)"
+
+
+_TERM = re.compile(r"[^ ,]+")
+
+
+def requirement_terms(value: str) -> int:
+    """How many terms a requirement value has (empty ones between repeated separators do not count,
+    as dsl.c skips them); linear, at C speed."""
+    return len(_TERM.findall(value))
 
 
 def limit_for(name: str) -> int:

@@ -27,6 +27,7 @@ failing one — with the CLI's hint appended when that alternative starts with `
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -57,6 +58,19 @@ _CUDA_REQUIRE_GREATER = "cuda>="
 _CUDA_HINT = ", please update your driver to a newer version, or use an earlier cuda container"
 _OPERATOR_CHARS = "<>=!"
 _VERSION_CHARS = frozenset("0123456789.")
+# The character runs dsl.c scans with strcspn/strspn/strtoumax, as regular expressions (linear, and
+# C-speed: a request may carry thousands of terms). Each matches the empty string, so never None.
+_KEY_RUN = re.compile(r"[^<>=!]*")
+_OPERATOR_RUN = re.compile(r"[<>=!]*")
+_DIGIT_RUN = re.compile(r"[0-9]*")
+
+
+def _run_end(run: re.Pattern[str], text: str, pos: int) -> int:
+    match = run.match(text, pos)
+    assert match is not None  # every run pattern matches the empty string
+    return match.end()
+
+
 _UINTMAX_MAX = 2**64 - 1
 _UINTMAX_DIGITS = len(str(_UINTMAX_MAX))
 _KEYS = ("cuda", "driver", "arch", "brand")
@@ -146,13 +160,13 @@ FACT_DESCRIPTIONS = {
 
 
 def _parse_term(text: str) -> Term:
-    # strcspn: length of the prefix without operator characters
-    key_len = next((i for i, c in enumerate(text) if c in _OPERATOR_CHARS), len(text))
+    # strcspn: length of the prefix without operator characters; strspn: the operator run after it
+    key_len = _run_end(_KEY_RUN, text, 0)
+    op_end = _run_end(_OPERATOR_RUN, text, key_len)
     key = text[:key_len]
-    rest = text[key_len:]
-    op_len = next((i for i, c in enumerate(rest) if c not in _OPERATOR_CHARS), len(rest))
-    op_run = rest[:op_len]
-    value = rest[op_len:]
+    op_len = op_end - key_len
+    op_run = text[key_len:op_end]
+    value = text[op_end:]
     if key_len == 0:
         return Term(text, key, op_run, value, error="missing key before the operator")
     if op_len == 0:
@@ -233,9 +247,7 @@ def _at_least_uintmax(digits: str) -> bool:
 
 
 def _strtoumax(text: str, start: int) -> tuple[int, int]:
-    end = start
-    while end < len(text) and "0" <= text[end] <= "9":
-        end += 1
+    end = _run_end(_DIGIT_RUN, text, start)
     if end == start:
         raise _Invalid("a version component is empty")
     digits = text[start:end]

@@ -43,7 +43,6 @@ seed's map iteration order is random.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -53,9 +52,11 @@ from nri_plugin.request.limits import (
     DEVICE_LIST_LIMIT,
     MAX_ANNOTATION_TOTAL,
     MAX_DEVICE_MOUNTS,
+    MAX_REQUIREMENT_TERMS,
     MAX_REQUIREMENT_TOTAL,
     PATH_LIMIT,
     checked,
+    requirement_terms,
     shorten,
 )
 from nri_plugin.request.model import (
@@ -86,8 +87,6 @@ __all__ = [
     "parse_go_bool",
     "resolve_request",
 ]
-
-_log = logging.getLogger(__name__)
 
 ENV_CUDA_VERSION = "CUDA_VERSION"
 ENV_REQUIRE_PREFIX = "NVIDIA_REQUIRE_"
@@ -304,23 +303,32 @@ def parse_cuda_version(value: str) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------------------------
 
 
-def env_map(env: Sequence[str]) -> dict[str, str]:
+def env_map(env: Sequence[str], skipped: list[str] | None = None) -> dict[str, str]:
     """``getEnvMap``: split each entry at the first ``=``; later duplicates win.
 
-    Deviation 3: entries without ``=`` are skipped with a warning instead of failing.
+    Deviation 3: entries without ``=`` are skipped instead of failing; they are appended to
+    ``skipped`` when given (the caller warns once per container, see :func:`_skipped_note`).
     """
     result: dict[str, str] = {}
     for entry in env:
         key, sep, value = entry.partition("=")
         if not sep:
-            _log.warning(
-                "ignoring environment entry without '=': %r (containerd drops such entries; "
-                "write it as NAME=value)",
-                entry,
-            )
+            if skipped is not None:
+                skipped.append(entry)
             continue
         result[key] = value
     return result
+
+
+def _skipped_note(skipped: Sequence[str]) -> str:
+    """One bounded warning for all of a container's entries without ``=`` (a pod controls their
+    number and size: neither may make the log line long)."""
+    first = ", ".join(shorten(entry) for entry in skipped[:3])
+    more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return (
+        f"ignoring {len(skipped)} environment entr{'y' if len(skipped) == 1 else 'ies'} without '=': "
+        f"{first}{more} (containerd drops such entries; write them as NAME=value)"
+    )
 
 
 def _is_legacy_image(env: Mapping[str, str]) -> bool:
@@ -514,6 +522,13 @@ def _requirements(env: Mapping[str, str], legacy: bool) -> tuple[tuple[str, ...]
             f"characters long together, over the NVIDIA NRI plugin's limit of {MAX_REQUIREMENT_TOTAL}; "
             "no real image needs that much: fix the image or pod spec that sets them"
         )
+    terms = sum(map(requirement_terms, requirements))
+    if terms > MAX_REQUIREMENT_TERMS:
+        raise RequestError(
+            f"the NVIDIA_REQUIRE_* variables ({len(names)}: {', '.join(names)[:200]}) have {terms} terms "
+            f"together, over the NVIDIA NRI plugin's limit of {MAX_REQUIREMENT_TERMS} (NVIDIA_REQUIRE_CUDA "
+            "of the CUDA images has about 90): fix the image or pod spec that sets them"
+        )
     sources = list(names)
     if legacy:
         value = checked(env, ENV_CUDA_VERSION) or ""
@@ -547,7 +562,10 @@ def resolve_request(
     ignored (an unprivileged env request under ``accept_envvar_unprivileged = false``, CDI names of
     other kinds) are appended to ``notes``.
     """
-    variables = env_map(env)
+    skipped: list[str] = []
+    variables = env_map(env, skipped)
+    if skipped and notes is not None:
+        notes.append(_skipped_note(skipped))
     legacy = _is_legacy_image(variables)
 
     found = _devices(config, variables, mounts, annotations or {}, legacy, notes)

@@ -4,7 +4,6 @@ own Go functions (Go 1.19) on the same inputs."""
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 
@@ -370,12 +369,28 @@ def test_deviation_2_volume_mount_prefix_needs_path_boundary(destination: str) -
     assert result is not None and result.devices == "7"
 
 
-def test_deviation_3_entries_without_equals_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="nri_plugin.request.resolve"):
-        result = resolve_request(["GARBAGE", "NVIDIA_VISIBLE_DEVICES=0", ""], [], True)
+def test_deviation_3_entries_without_equals_are_ignored() -> None:
+    notes: list[str] = []
+    result = resolve_request(["GARBAGE", "NVIDIA_VISIBLE_DEVICES=0", ""], [], True, notes=notes)
     assert result is not None and result.devices == "0"
-    assert any("GARBAGE" in r.getMessage() for r in caplog.records)
-    assert env_map(["A", "B=1", "=x"]) == {"B": "1", "": "x"}
+    assert notes == [
+        "ignoring 2 environment entries without '=': 'GARBAGE', '' (containerd drops such entries; "
+        "write them as NAME=value)"
+    ]
+    skipped: list[str] = []
+    assert env_map(["A", "B=1", "=x"], skipped) == {"B": "1", "": "x"}
+    assert skipped == ["A"]
+
+
+def test_deviation_3_warning_is_one_bounded_line() -> None:
+    """A pod controls how many such entries it has and how long they are: one note per container,
+    at most three of them shown, each cut to a prefix with its size."""
+    notes: list[str] = []
+    env = ["NVIDIA_VISIBLE_DEVICES=0", *(f"{'x' * (1 << 20)}{i}" for i in range(1000))]
+    assert resolve_request(env, [], True, notes=notes) is not None
+    assert len(notes) == 1 and len(notes[0]) < 500, len(notes[0])
+    assert "ignoring 1000 environment entries without '='" in notes[0]
+    assert "(1048577 characters in all)" in notes[0] and "and 997 more" in notes[0]
 
 
 def test_deviation_5_values_over_their_limit_are_refused_before_parsing() -> None:
