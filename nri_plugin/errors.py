@@ -61,6 +61,10 @@ class DiscoveryPendingError(DriverNotFoundError):
     """A GPU container arrived before the first host driver discovery finished."""
 
 
+class DiscoveryFailedError(DriverNotFoundError):
+    """A GPU container arrived while host driver discovery fails (no snapshot to serve it from)."""
+
+
 class ConfigError(NriPluginError):
     """Invalid daemon configuration (file, NRI config string or flags): a start-up error."""
 

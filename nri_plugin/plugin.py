@@ -356,6 +356,7 @@ class GpuPlugin(Plugin):
                     self.settings.hook,
                     driver.snapshot(),
                     discovery_pending=driver.pending,
+                    discovery_error=driver.last_error,
                     annotations=annotations,
                     device_paths=device_paths(container),
                 )

@@ -337,7 +337,22 @@ def _mig_all(variable: str, what: str, request: GpuRequest, selection: Selection
     return False
 
 
+# Capabilities that mount driver libraries but have no single key library (a headless driver has
+# no graphics libraries, some have no video ones: those are skipped, as libnvidia-container does).
+# With *no* driver library found at all, though, the ld.so.cache was unreadable or redirected, and
+# such a container would start with device nodes and nothing to use them with.
+_LIBRARY_CAPABILITIES = frozenset({"video", "graphics", "display", "ngx", "compat32"})
+
+
 def _check_key_libraries(snapshot: DriverSnapshot, caps: frozenset[str]) -> None:
+    without_key = sorted(caps & _LIBRARY_CAPABILITIES)
+    if without_key and not any(snapshot.libraries.values()) and not (caps & KEY_LIBRARIES.keys()):
+        raise ContainerError(
+            f"NVIDIA_DRIVER_CAPABILITIES includes {without_key[0]!r}, but no driver library at all "
+            f"(driver {snapshot.driver_version}) was found through the ld.so.cache of the driver root "
+            f"{snapshot.roots.driver_root!r}; run `ldconfig` on the host (or in the driver container), "
+            "check the driver installation, and see `nvidia-nri-plugin info`"
+        )
     for cap in sorted(caps):
         key = KEY_LIBRARIES.get(cap)
         if key is None:

@@ -22,6 +22,7 @@ from nri_plugin.adjust.model import EMPTY_ADJUSTMENT, Adjustment
 from nri_plugin.adjust.proto import to_proto
 from nri_plugin.adjust.select import Selection
 from nri_plugin.errors import (
+    DiscoveryFailedError,
     DiscoveryPendingError,
     DriverChangedError,
     DriverNotFoundError,
@@ -126,13 +127,16 @@ def decide(
     snapshot: DriverSnapshot | None,
     *,
     discovery_pending: bool = False,
+    discovery_error: str | None = None,
     annotations: Mapping[str, str] | None = None,
     device_paths: Iterable[str] = (),
 ) -> Decision:
     """Decide the adjustment for one container; raises a ``ContainerError`` to fail it.
 
     ``discovery_pending``: no snapshot yet because the first discovery is still running (the
-    plugin registers without waiting for it), not because the host has no driver.
+    plugin registers without waiting for it), not because the host has no driver;
+    ``discovery_error``: why the last discovery failed, when it did (an unreadable ld.so.cache, a
+    broken driver tree): then that, not "no driver", is what a GPU container is told.
     ``annotations``: the container's (read with ``accept_cdi_annotations``); ``device_paths``: the
     device nodes its spec already has -- with an NVIDIA one among them the container got its GPUs
     elsewhere (CDI, another injector) and is left alone instead of being given them twice.
@@ -151,6 +155,12 @@ def decide(
             "NVIDIA driver discovery is still in progress on this node (the plugin has just started, "
             "and NVML can take seconds to initialize); the container was not created so that it "
             "does not start without its GPUs: retry it (kubelet does so by itself)"
+        )
+    if snapshot is None and discovery_error:
+        raise DiscoveryFailedError(
+            f"NVIDIA driver discovery fails on this node ({discovery_error}); the container was not "
+            "created so that it does not start without its GPUs: fix what the error names (the plugin "
+            "retries discovery by itself), see `nvidia-nri-plugin info`"
         )
     if snapshot is None:
         shown = request.devices or "none"

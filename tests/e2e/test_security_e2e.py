@@ -9,6 +9,9 @@ what an attacker on the node would and checks the final OCI spec and what the co
 ``test_untrusted_ipc_entries_are_not_mounted``
     An MPS directory owned by a local user, a regular file at the persistenced socket's path, and a
     socket handed to a local user after discovery: none is mounted; GPU containers still run.
+``test_broken_driver_tree_fails_gpu_containers_clearly``
+    A stale ``/dev/nvidia-uvm`` major fails CUDA containers (utility ones still run), a redirected
+    ``ld.so.cache`` fails GPU containers naming the missing driver library.
 ``test_swapped_library_is_refused_then_recovers``
     The driver root's libcuda is replaced by a symlink to a host file after discovery
     (CVE-2024-0132 class). containerd must never get that path: the create fails with a clear
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -149,6 +153,39 @@ def test_untrusted_ipc_entries_are_not_mounted(
         assert code == 0 and "PROBE_OK" in log, log
         assert fabric not in mounts_by_destination(spec)
         assert plugin.find("host driver changed under a snapshot; rediscovering")
+
+
+def test_broken_driver_tree_fails_gpu_containers_clearly(
+    containerd: Containerd, cri: CriClient, pod: Pod, host: FakeHost, e2e_images: BuiltImages
+) -> None:
+    """A /dev/nvidia-uvm with a stale major, then a redirected ld.so.cache: before, CUDA
+    containers started without UVM, and GPU containers with device nodes but no libraries."""
+    uvm = host.path("/dev/nvidia-uvm")
+    rdev = os.stat(uvm).st_rdev
+    uvm.unlink()
+    os.mknod(uvm, stat.S_IFCHR | 0o666, os.makedev(os.major(rdev) + 17, os.minor(rdev)))
+    utility = {**GPU_ENV, "NVIDIA_DRIVER_CAPABILITIES": "utility"}
+    with _plugin(containerd, host, "broken-uvm"):
+        with pytest.raises(CriError) as info:
+            _gpu(cri, pod, e2e_images, "true", "uvm")
+        assert "/dev/nvidia-uvm exists but is wrong" in info.value.message, info.value.message
+        result = run_in_pod(
+            cri, pod, ContainerRequest(image=e2e_images.refs["busybox"], command=["true"], env=utility)
+        )
+        assert result.exit_code == 0 and nvidia_devices(result.spec)  # utility does not use UVM
+    uvm.unlink()
+    os.mknod(uvm, stat.S_IFCHR | 0o666, rdev)
+    cache = host.path("/etc/ld.so.cache")
+    cache.unlink()
+    cache.symlink_to("/nonexistent/ld.so.cache")
+    with _plugin(containerd, host, "broken-cache"):
+        for env, wanted in ((GPU_ENV, "libcuda.so."), (utility, "libnvidia-ml.so.")):
+            with pytest.raises(CriError) as info:
+                run_in_pod(
+                    cri, pod, ContainerRequest(image=e2e_images.refs["busybox"], command=["true"], env=env)
+                )
+            message = info.value.message
+            assert f"the driver library {wanted}* " in message and "ld.so.cache" in message, message
 
 
 def test_swapped_library_is_refused_then_recovers(

@@ -25,7 +25,13 @@ from nri_plugin import logs
 from nri_plugin.adjust.build import build_adjustment, plan
 from nri_plugin.adjust.model import IPC_BIND_OPTIONS
 from nri_plugin.adjust.pipeline import decide
-from nri_plugin.errors import ContainerError, DiscoveryPendingError, DriverChangedError, HostDiscoveryError
+from nri_plugin.errors import (
+    ContainerError,
+    DiscoveryFailedError,
+    DiscoveryPendingError,
+    DriverChangedError,
+    HostDiscoveryError,
+)
 from nri_plugin.host.discover import discover
 from nri_plugin.host.driver import HostDriver
 from nri_plugin.host.model import DriverSnapshot, IpcPath
@@ -395,6 +401,45 @@ def test_no_libraries_fails_instead_of_starting_without_driver(tmp_path: Path) -
         _decide(snap)
     with pytest.raises(ContainerError, match=r"'utility', but the driver library libnvidia-ml\.so\.\*"):
         _decide(snap, "utility")
+    # capabilities without one key library fail too when no driver library was found at all
+    for caps in ("graphics", "video", "display", "graphics,display,video,ngx"):
+        with pytest.raises(ContainerError, match=r"includes '\w+', but no driver library at all"):
+            _decide(snap, caps)
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "truncated", "garbage", "empty"])
+def test_broken_ld_so_cache_fails_gpu_containers_with_a_clear_error(tmp_path: Path, damage: str) -> None:
+    """Not redirected this time: the driver root's cache exists but cannot be read or parsed."""
+    host = _host(tmp_path)
+    cache = host.path("/etc/ld.so.cache")
+    data = cache.read_bytes()
+    if damage == "unreadable":
+        cache.unlink()
+        cache.mkdir()  # EISDIR on read, even for root
+    elif damage == "truncated":
+        cache.write_bytes(data[: len(data) // 3])
+    elif damage == "garbage":
+        cache.write_bytes(b"\x00" * len(data))
+    else:
+        cache.write_bytes(b"")
+    driver = HostDriver(host.roots, use_nvml=False)
+    driver.refresh()
+    if damage == "unreadable":  # read fails: discovery goes on without the cache, finds no library
+        snap = driver.snapshot()
+        assert snap is not None and not any(snap.libraries.values())
+        for caps in ("compute,utility", "utility", "graphics"):
+            with pytest.raises(ContainerError, match="driver librar"):
+                _decide(snap, caps)
+        return
+    # not a cache at all: discovery fails, and GPU containers are told why (not "no driver")
+    assert driver.snapshot() is None and driver.last_error is not None
+    assert "ld.so.cache" in driver.last_error
+    env = ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DRIVER_CAPABILITIES=graphics"]
+    with pytest.raises(DiscoveryFailedError, match=r"driver discovery fails on this node \(.*ld\.so\.cache"):
+        decide(env, [], True, HookConfig(), None, discovery_error=driver.last_error)
+    assert (
+        decide(["PATH=/bin"], [], True, HookConfig(), None, discovery_error=driver.last_error).request is None
+    )
 
 
 def test_wrong_uvm_major_fails_the_container(tmp_path: Path) -> None:
