@@ -466,6 +466,31 @@ def test_large_response_is_framed_for_the_go_reader() -> None:
     run(scenario())
 
 
+def test_a_handler_raising_rpc_error_answers_with_exactly_its_code() -> None:
+    """``Plugin`` promises that raising ``ttrpc.RpcError`` picks the status code: every non-OK
+    code goes out on the wire as given, with its text, and no payload."""
+
+    class Picky(Recorder):
+        async def create_container(
+            self, pod: api.PodSandbox, container: api.Container
+        ) -> api.CreateContainerResponse:
+            code = int(container.env[0].removeprefix("CODE="))
+            raise ttrpc.RpcError(code, f"refused with {code}")
+
+    codes = [c for c in ttrpc.Code if c is not ttrpc.Code.OK]
+
+    async def scenario() -> None:
+        async with launched(Picky()) as (_stub, rt, _):
+            await rt.register_and_configure(runtime_name="containerd", runtime_version="v2.1.0")
+            for code in codes:
+                req = api.CreateContainerRequest(pod=pod(1), container=ctr(1, env=(f"CODE={int(code)}",)))
+                r = await rt.call("CreateContainer", req)
+                assert (r.code, r.message, r.payload) == (code, f"refused with {int(code)}", b""), code
+
+    run(scenario())
+    assert len(codes) == 16
+
+
 def test_handler_error_that_cannot_be_sent_verbatim_still_gets_an_answer() -> None:
     """An error text too large (or not encodable) for a ttrpc Response is cut down, never dropped:
     without an answer the runtime times out and creates the container without us (fail-open)."""
