@@ -334,7 +334,9 @@ class GpuPlugin(Plugin):
             self._start_watch()
         if self._watch_task is not None or self.metrics.address:
             self._ensure_metrics()
-        if loader_config(new) != self.loader.config:
+        # Two loader settings can change without changing the service's config (cuda-compat-mode
+        # ldconfig -> mount both mean compat on): then the service and its memos stay.
+        if changes.get(Effect.LOADER) and loader_config(new) != self.loader.config:
             self.loader = self._make_loader(new)
             if self._watch_task is not None:
                 self._prepare_state()

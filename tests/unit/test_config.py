@@ -354,6 +354,23 @@ def test_settings_changes_are_grouped_by_effect() -> None:
     assert dataclasses.replace(old, disable_require=True).hook.disable_require is True
 
 
+def test_loader_settings_have_their_own_effect() -> None:
+    """What ``plugin.loader_config`` reads is declared LOADER (host-root also rediscovers)."""
+    loader = {a for a, s in cfg.SETTINGS.items() if cfg.Effect.LOADER in s.effects}
+    assert loader == {
+        "container_ldcache", "runtime_dir", "containerd_socket", "containerd_namespace", "snapshotter",
+        "image_read_timeout", "cuda_compat_mode", "allow_cuda_compat_libs_from_container", "host_root",
+    }  # fmt: skip
+    old = cfg.Settings()
+    new = dataclasses.replace(old, snapshotter="native", host_root="/host", swarm_resource="X")
+    assert old.changes(new) == {
+        cfg.Effect.REQUEST: ["swarm_resource"],
+        cfg.Effect.DISCOVERY: ["host_root"],
+        cfg.Effect.LOADER: ["host_root", "snapshotter"],
+    }
+    assert new.discovery_key() != old.discovery_key()
+
+
 def test_request_model_keys_of_the_plugin_reach_the_hook_config() -> None:
     s = cfg.build()
     assert (s.hook.accept_cdi_annotations, s.hook.fail_unprivileged_envvar) == (False, False)
