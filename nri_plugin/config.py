@@ -214,6 +214,8 @@ def _root_dir(default: str, key: str, help: str, flag: str | None = None, **more
 _STR = "a string"
 _BOOL = "a boolean (true/false)"
 _HOOK = HookConfig()  # the toolkit's defaults for its keys
+# HookConfig's fields are Settings fields of the same name: ``Settings.hook`` is built from them.
+_HOOK_FIELDS = tuple(f.name for f in dataclasses.fields(HookConfig) if f.init)
 
 
 @dataclass(frozen=True, slots=True)
@@ -522,15 +524,7 @@ class Settings:
     hook: HookConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        hook = HookConfig(
-            accept_envvar_unprivileged=self.accept_envvar_unprivileged,
-            accept_volume_mounts=self.accept_volume_mounts,
-            swarm_resource=self.swarm_resource,
-            supported_driver_capabilities=self.supported_driver_capabilities,
-            disable_require=self.disable_require,
-            accept_cdi_annotations=self.accept_cdi_annotations,
-            fail_unprivileged_envvar=self.fail_unprivileged_envvar,
-        )
+        hook = HookConfig(**{name: getattr(self, name) for name in _HOOK_FIELDS})
         object.__setattr__(self, "hook", hook)  # derived once: read on every CreateContainer
 
     @property

@@ -371,6 +371,14 @@ def test_loader_settings_have_their_own_effect() -> None:
     assert new.discovery_key() != old.discovery_key()
 
 
+def test_the_hook_config_is_built_from_the_settings_of_the_same_name() -> None:
+    s = dataclasses.replace(cfg.Settings(), swarm_resource="A,B", accept_volume_mounts=True)
+    for f in dataclasses.fields(HookConfig):
+        if f.init:
+            assert getattr(s.hook, f.name) == getattr(s, f.name), f.name
+    assert s.hook.trigger_prefixes[-2:] == ("A=", "B=")
+
+
 def test_request_model_keys_of_the_plugin_reach_the_hook_config() -> None:
     s = cfg.build()
     assert (s.hook.accept_cdi_annotations, s.hook.fail_unprivileged_envvar) == (False, False)
