@@ -160,6 +160,7 @@ class Effect(enum.Enum):
     WATCH = "watch"  # restart the driver watch
     LOGGING = "logging"  # reconfigure the logger
     METRICS = "metrics"  # (re)start the metrics endpoint
+    LOADER = "loader"  # a new image loader service (container ld.so.cache; its memos start empty)
     RESTART = "restart"  # takes effect at the next start only (logged)
 
 
@@ -168,8 +169,9 @@ class Setting:
     """The declaration of one setting, attached to its ``Settings`` field (``dataclasses.field``
     metadata): the TOML key, how a value is checked and converted, the help text, the command-line
     flag if it has one, whether the NVIDIA toolkit's config.toml has the key with this meaning,
-    and what a change needs at run time. The TOML schema, the flags, the provenance and the apply
-    step all derive from these declarations."""
+    and what a change needs at run time (``effect``, plus ``also`` for a setting two parts of the
+    daemon read). The TOML schema, the flags, the provenance and the apply step all derive from
+    these declarations."""
 
     key: str  # dotted TOML key: a top-level toolkit key, "nvidia-container-cli.<k>", "nri-plugin.<k>"
     type_name: str
@@ -184,6 +186,11 @@ class Setting:
     run_only: bool = False  # only `run` has the flag (`inspect`/`info` take the host flags only)
     toolkit: bool = False
     effect: Effect = Effect.REQUEST
+    also: tuple[Effect, ...] = ()
+
+    @property
+    def effects(self) -> tuple[Effect, ...]:
+        return (self.effect, *self.also)
 
 
 def _setting(default: Any, **declaration: Any) -> Any:
@@ -207,6 +214,8 @@ def _root_dir(default: str, key: str, help: str, flag: str | None = None, **more
 _STR = "a string"
 _BOOL = "a boolean (true/false)"
 _HOOK = HookConfig()  # the toolkit's defaults for its keys
+# HookConfig's fields are Settings fields of the same name: ``Settings.hook`` is built from them.
+_HOOK_FIELDS = tuple(f.name for f in dataclasses.fields(HookConfig) if f.init)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +310,7 @@ class Settings:
         help="where the host's / is mounted in this process's view (e.g. /host in a pod); prefixed "
         "to the driver/dev/run roots, stripped from the mount sources given to containerd",
         flag="--host-root",
+        also=(Effect.LOADER,),  # the image layers are read under it too
     )
     use_nvml: bool = _boolean(
         True,
@@ -421,6 +431,7 @@ class Settings:
         flag="--container-ldcache",
         choices=("auto", "off"),
         run_only=True,
+        effect=Effect.LOADER,
     )
     runtime_dir: str = _string(
         "/run/nvidia-nri-plugin",
@@ -429,6 +440,7 @@ class Settings:
         convert=_abs_path,
         flag="--runtime-dir",
         metavar="DIR",
+        effect=Effect.LOADER,
     )
     containerd_socket: str = _string(
         "/run/containerd/containerd.sock",
@@ -438,6 +450,7 @@ class Settings:
         flag="--containerd-socket",
         metavar="PATH",
         run_only=True,
+        effect=Effect.LOADER,
     )
     containerd_namespace: str = _string(
         "k8s.io",
@@ -445,6 +458,7 @@ class Settings:
         help="containerd namespace of the CRI containers (default k8s.io)",
         convert=_name,
         run_only=True,
+        effect=Effect.LOADER,
     )
     snapshotter: str = _string(
         "overlayfs",
@@ -452,6 +466,7 @@ class Settings:
         help="containerd's CRI snapshotter (default overlayfs; native also works)",
         convert=_name,
         run_only=True,
+        effect=Effect.LOADER,
     )
     image_read_timeout: float = _setting(
         0.5,
@@ -461,6 +476,7 @@ class Settings:
         convert=_interval,
         help="time budget for reading a new image's loader files (default 0.5; containerd waits 2 s)",
         run_only=True,
+        effect=Effect.LOADER,
     )
     cuda_compat_mode: str = _string(
         "ldconfig",
@@ -469,12 +485,14 @@ class Settings:
         "generated cache), disabled; empty = follow features.allow-cuda-compat-libs-from-container",
         convert=_choice(("ldconfig", "mount", "hook", "disabled", "")),
         toolkit=True,
+        effect=Effect.LOADER,
     )
     allow_cuda_compat_libs_from_container: bool = _boolean(
         False,
         key="features.allow-cuda-compat-libs-from-container",
         help="with an empty cuda-compat-mode: use the image's CUDA forward-compat libraries",
         toolkit=True,
+        effect=Effect.LOADER,
     )
     health_address: str = _string(
         "",  # "" = no health endpoint
@@ -506,15 +524,7 @@ class Settings:
     hook: HookConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        hook = HookConfig(
-            accept_envvar_unprivileged=self.accept_envvar_unprivileged,
-            accept_volume_mounts=self.accept_volume_mounts,
-            swarm_resource=self.swarm_resource,
-            supported_driver_capabilities=self.supported_driver_capabilities,
-            disable_require=self.disable_require,
-            accept_cdi_annotations=self.accept_cdi_annotations,
-            fail_unprivileged_envvar=self.fail_unprivileged_envvar,
-        )
+        hook = HookConfig(**{name: getattr(self, name) for name in _HOOK_FIELDS})
         object.__setattr__(self, "hook", hook)  # derived once: read on every CreateContainer
 
     @property
@@ -538,14 +548,16 @@ class Settings:
 
     def discovery_key(self) -> tuple[object, ...]:
         """The settings host discovery depends on: a change needs a new HostDriver."""
-        return tuple(getattr(self, attr) for attr, s in SETTINGS.items() if s.effect is Effect.DISCOVERY)
+        return tuple(getattr(self, attr) for attr, s in SETTINGS.items() if Effect.DISCOVERY in s.effects)
 
     def changes(self, other: Settings) -> dict[Effect, list[str]]:
-        """The fields whose value differs in ``other``, by the effect a change has."""
+        """The fields whose value differs in ``other``, by the effect a change has (a field with
+        two effects is listed under both)."""
         out: dict[Effect, list[str]] = {}
         for attr, s in SETTINGS.items():
             if getattr(self, attr) != getattr(other, attr):
-                out.setdefault(s.effect, []).append(attr)
+                for effect in s.effects:
+                    out.setdefault(effect, []).append(attr)
         return out
 
 

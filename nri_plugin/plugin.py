@@ -8,7 +8,7 @@ the host or logs at info level for containers that ask for no GPU.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +26,7 @@ from nri_plugin.host import HostDriver
 from nri_plugin.image import LoaderConfig, LoaderOutcome, LoaderService, MountsFn
 from nri_plugin.notify import Notifier
 from nri_plugin.request import container_annotations, device_paths, request_inputs
-from nri_plugin.wire import Plugin, api
+from nri_plugin.wire import Plugin, TaskScope, api
 
 # How long a CreateContainer that found a changed driver waits for the rediscovery (containerd
 # gives a plugin 2 s per call; discovery without a hanging NVML takes tens of milliseconds).
@@ -122,6 +122,10 @@ class GpuPlugin(Plugin):
         self.metrics: metrics_mod.Metrics = metrics if metrics is not None else metrics_mod.NullMetrics()
         self.notifier = notifier if notifier is not None else Notifier({})
         self._stub_counts = stub_counts
+        # Every background task (driver watch, deferred Synchronize report, evictions) belongs to
+        # this scope: close() cancels and awaits them all; the handles below are kept to replace
+        # one kind of task by a newer one (a restarted watch, a later Synchronize).
+        self._tasks = TaskScope("gpu plugin", logging.getLogger(__name__))
         self._watch_task: asyncio.Task[None] | None = None
         self._deferred_report: asyncio.Task[None] | None = None
         self.runtime = ""
@@ -220,7 +224,7 @@ class GpuPlugin(Plugin):
     def _start_watch(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
-        self._watch_task = asyncio.get_running_loop().create_task(
+        self._watch_task = self._tasks.spawn(
             self.driver.watch(self.settings.refresh_interval), name="driver-watch"
         )
 
@@ -246,15 +250,8 @@ class GpuPlugin(Plugin):
         self.log.info("metrics endpoint listening", metrics_address=address, listening=self.metrics.listening)
 
     async def close(self) -> None:
-        if self._deferred_report is not None:
-            self._deferred_report.cancel()
-        if self._evict_task is not None:
-            self._evict_task.cancel()
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watch_task
-            self._watch_task = None
+        await self._tasks.aclose()
+        self._watch_task = None
         self.metrics.close()
 
     def readiness(self) -> Readiness:
@@ -334,7 +331,9 @@ class GpuPlugin(Plugin):
             self._start_watch()
         if self._watch_task is not None or self.metrics.address:
             self._ensure_metrics()
-        if loader_config(new) != self.loader.config:
+        # Two loader settings can change without changing the service's config (cuda-compat-mode
+        # ldconfig -> mount both mean compat on): then the service and its memos stay.
+        if changes.get(Effect.LOADER) and loader_config(new) != self.loader.config:
             self.loader = self._make_loader(new)
             if self._watch_task is not None:
                 self._prepare_state()
@@ -513,7 +512,7 @@ class GpuPlugin(Plugin):
         if self.driver.snapshot() is None and self.driver.pending:
             if self._deferred_report is not None:
                 self._deferred_report.cancel()
-            self._deferred_report = asyncio.get_running_loop().create_task(
+            self._deferred_report = self._tasks.spawn(
                 self._report_after_discovery(pods, containers), name="unadjusted-report"
             )
             return []
@@ -604,7 +603,7 @@ class GpuPlugin(Plugin):
         todo, self._evictable = self._evictable, []
         if self._evict_task is not None and not self._evict_task.done():
             self._evict_task.cancel()
-        self._evict_task = asyncio.get_running_loop().create_task(self._evict(todo), name="evict")
+        self._evict_task = self._tasks.spawn(self._evict(todo), name="evict")
 
     async def _evict(self, todo: list[Unadjusted]) -> None:
         """Evict through NRI, then check; SIGKILL the init process of those still running."""

@@ -104,7 +104,14 @@ from nri_plugin.host import (
     strip_root,
     verify,
 )
-from nri_plugin.request import ALL_DRIVER_CAPABILITIES, FEATURE_VARIABLES, IMEX_KIND, GpuRequest, shorten
+from nri_plugin.request import (
+    ALL_DRIVER_CAPABILITIES,
+    FEATURE_VARIABLES,
+    IMEX_KIND,
+    GpuRequest,
+    MigMode,
+    shorten,
+)
 from nri_plugin.wire import api
 
 LIB_DIRS_64 = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")
@@ -264,8 +271,22 @@ def _make_plan(request: GpuRequest, snapshot: DriverSnapshot) -> Plan:
         snapshot=snapshot,
         selection=selection,
         caps=caps,
-        config_all=_mig_all("NVIDIA_MIG_CONFIG_DEVICES", "mig-config", request, selection),
-        monitor_all=_mig_all("NVIDIA_MIG_MONITOR_DEVICES", "mig-monitor", request, selection),
+        config_all=_mig_all(
+            "NVIDIA_MIG_CONFIG_DEVICES",
+            "mig-config",
+            request.mig_config,
+            request.mig_config_devices,
+            request,
+            selection,
+        ),
+        monitor_all=_mig_all(
+            "NVIDIA_MIG_MONITOR_DEVICES",
+            "mig-monitor",
+            request.mig_monitor,
+            request.mig_monitor_devices,
+            request,
+            selection,
+        ),
         request=request,
     )
     _check_key_libraries(snapshot, caps)
@@ -318,23 +339,24 @@ def _capabilities(request: GpuRequest) -> frozenset[str]:
     return request.capabilities
 
 
-def _mig_all(variable: str, what: str, request: GpuRequest, selection: Selection) -> bool:
-    """True when the variable asks for the global MIG config/monitor mode (only ``all`` exists)."""
-    config = what == "mig-config"
-    value = request.mig_config_devices if config else request.mig_monitor_devices
-    for element in request.mig_config_ids if config else request.mig_monitor_ids:
-        if element.lower() != "all":
-            raise ContainerError(
-                f"{variable}={show_id(value)}: {show_id(element)}: only 'all' devices are currently "
-                f"supported; set {variable}=all or unset it"
-            )
-        if not request.all_devices and selection.mig_devices:
-            raise ContainerError(
-                f"{variable}=all: cannot enable {what} with specific MIG devices selected; "
-                f"set NVIDIA_VISIBLE_DEVICES=all or unset {variable}"
-            )
-        return True
-    return False
+def _mig_all(
+    variable: str, what: str, mode: MigMode, value: str, request: GpuRequest, selection: Selection
+) -> bool:
+    """True when the variable (raw ``value``, parsed ``mode``) asks for the global MIG
+    config/monitor mode (only ``all`` exists)."""
+    if mode.unsupported is not None:
+        raise ContainerError(
+            f"{variable}={show_id(value)}: {show_id(mode.unsupported)}: only 'all' devices are currently "
+            f"supported; set {variable}=all or unset it"
+        )
+    if not mode.all:
+        return False
+    if not request.all_devices and selection.mig_devices:
+        raise ContainerError(
+            f"{variable}=all: cannot enable {what} with specific MIG devices selected; "
+            f"set NVIDIA_VISIBLE_DEVICES=all or unset {variable}"
+        )
+    return True
 
 
 # Capabilities that mount driver libraries but have no single key library (a headless driver has

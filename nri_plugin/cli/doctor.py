@@ -144,8 +144,11 @@ async def _register_once(socket_path: str) -> str:
     stub = Stub(
         Probe(), name=PROBE_NAME, index=PROBE_INDEX, socket_path=socket_path, reconnect=False, logger=quiet
     )
-    task = asyncio.ensure_future(stub.run())
-    waiter = asyncio.ensure_future(stub.registered.wait())
+    # Two local tasks and asyncio.wait rather than a TaskScope (nri_plugin.wire.tasks): the probe
+    # waits for whichever ends first, and an exception of stub.run() is the check's result,
+    # re-raised to the caller below, not a failure for a scope to log; the finally ends both.
+    task = asyncio.get_running_loop().create_task(stub.run())
+    waiter = asyncio.get_running_loop().create_task(stub.registered.wait())
     try:
         done, _ = await asyncio.wait(
             {task, waiter}, timeout=REGISTER_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED

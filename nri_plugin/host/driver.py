@@ -120,7 +120,11 @@ class HostDriver:
         runs twice at once (with a hanging NVML that would double the wait)."""
         task = self._pending
         if task is None or task.done():
-            task = asyncio.ensure_future(asyncio.to_thread(self.refresh))
+            # Not a TaskScope task (nri_plugin.wire.tasks): this future is the shared result of one
+            # refresh, held here (the strong reference) and awaited shielded by every caller; no
+            # owner's end may cancel it -- the worker thread would go on, and the snapshot must be
+            # kept consistent -- and its failure is each awaiting caller's to report, not a log line.
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.refresh))
             self._pending = task
         return task
 

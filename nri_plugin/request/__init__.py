@@ -12,6 +12,7 @@ from nri_plugin.request.model import (
     FEATURE_VARIABLES,
     GpuRequest,
     HookConfig,
+    MigMode,
     Mount,
     split_list,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "GpuRequest",
     "HookConfig",
     "HostFacts",
+    "MigMode",
     "Mount",
     "check_requirements",
     "container_annotations",

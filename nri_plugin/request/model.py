@@ -72,6 +72,27 @@ FEATURE_VARIABLES: tuple[tuple[str, str], ...] = (
 
 
 @dataclass(frozen=True, slots=True)
+class MigMode:
+    """``NVIDIA_MIG_CONFIG_DEVICES`` / ``NVIDIA_MIG_MONITOR_DEVICES``, parsed once. Only the global
+    mode exists, and the first element of the comma list decides (libnvidia-container's
+    ``select_mig_config_devices``): ``all`` (any case) asks for it; any other element is refused
+    by the adjustment builder, which names it."""
+
+    all: bool = False  # the first element is ``all``
+    unsupported: str | None = None  # the first element, when it is not ``all``
+
+    @staticmethod
+    def parse(value: str) -> MigMode:
+        first = next((e for e in value.split(",") if e), None)
+        if first is None:
+            return NO_MIG_MODE
+        return MigMode(all=True) if first.lower() == "all" else MigMode(unsupported=first)
+
+
+NO_MIG_MODE = MigMode()  # the variable is unset or names nothing
+
+
+@dataclass(frozen=True, slots=True)
 class GpuRequest:
     """The resolved GPU request of one container (the seed's ``nvidiaConfig``)."""
 
@@ -106,8 +127,10 @@ class GpuRequest:
     """The device list names something this plugin acts on (or is empty: ``none``)."""
     capabilities: frozenset[str] = field(init=False, repr=False, compare=False)
     """The set of requested driver capabilities."""
-    mig_config_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
-    mig_monitor_ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    mig_config: MigMode = field(init=False, repr=False, compare=False)
+    """``mig_config_devices`` parsed."""
+    mig_monitor: MigMode = field(init=False, repr=False, compare=False)
+    """``mig_monitor_devices`` parsed."""
 
     def __post_init__(self) -> None:
         parsed = parse_device_list(split_list(self.devices), self.devices_source)
@@ -120,8 +143,8 @@ class GpuRequest:
             "foreign_devices": parsed.foreign,
             "devices_ours": parsed.ours or not self.devices,
             "capabilities": frozenset(split_list(self.driver_capabilities)),
-            "mig_config_ids": tuple(e for e in self.mig_config_devices.split(",") if e),
-            "mig_monitor_ids": tuple(e for e in self.mig_monitor_devices.split(",") if e),
+            "mig_config": MigMode.parse(self.mig_config_devices),
+            "mig_monitor": MigMode.parse(self.mig_monitor_devices),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)

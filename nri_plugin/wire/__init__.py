@@ -5,10 +5,12 @@
 * ``session`` -- :class:`Session`: the sans-IO trunk for either peer role (bytes in, events out)
 * ``connection`` -- asyncio driver of a session over a unix socket
 * ``stub`` -- the plugin stub (:class:`Plugin`, :class:`Stub`); its docstring describes the lifecycle
+* ``tasks`` -- :class:`TaskScope`, the one pattern for background task lifetimes (also the daemon's)
 
 The public API of the layer is what ``__all__`` lists; code outside ``nri_plugin.wire`` imports
 only that (``tests/unit/test_layers.py`` enforces it). The asyncio half (``Connection``, ``Stub``,
-``Plugin``) is imported on first use, so that importing the codecs does not import asyncio.
+``Plugin``, ``TaskScope``) is imported on first use, so that importing the codecs does not import
+asyncio.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from nri_plugin.wire.ttrpc import (
 if TYPE_CHECKING:
     from nri_plugin.wire.connection import Connection, ConnectionClosed
     from nri_plugin.wire.stub import Plugin, Stub, event_bit, event_mask
+    from nri_plugin.wire.tasks import TaskScope
 
 __all__ = [
     "Code",
@@ -46,6 +49,7 @@ __all__ = [
     "RpcError",
     "Session",
     "Stub",
+    "TaskScope",
     "api",
     "event_bit",
     "event_mask",
@@ -56,6 +60,7 @@ _LAZY = {
     "ConnectionClosed": "nri_plugin.wire.connection",
     "Plugin": "nri_plugin.wire.stub",
     "Stub": "nri_plugin.wire.stub",
+    "TaskScope": "nri_plugin.wire.tasks",
     "event_bit": "nri_plugin.wire.stub",
     "event_mask": "nri_plugin.wire.stub",
 }

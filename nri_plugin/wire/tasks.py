@@ -1,7 +1,10 @@
-"""The one pattern for background tasks in the wire layer: a :class:`TaskScope`.
+"""The one pattern for background tasks of the project: a :class:`TaskScope`.
 
 Every task the connection or the stub starts belongs to exactly one scope, whose lifetime is that
-of the thing it serves (a connection's request handlers; a session's serve/register/stop tasks).
+of the thing it serves (a connection's request handlers; a session's serve/register/stop tasks;
+in the daemon, ``GpuPlugin``'s driver watch, deferred Synchronize report and evictions). It lives
+here because the wire layer needs it and every layer that starts tasks sits above it; it is part
+of the wire API (``nri_plugin.wire.TaskScope``).
 The scope keeps a strong reference to each task (the event loop keeps only weak ones), forgets it
 when it finishes, logs a task that died of an unexpected exception (instead of "Task exception was
 never retrieved" at exit), and cancels and awaits all that are left when it closes. Unlike

@@ -18,7 +18,7 @@ from nri_plugin.adjust.build import (
 from nri_plugin.adjust.model import IPC_BIND_OPTIONS, RO_BIND_OPTIONS, Adjustment
 from nri_plugin.errors import ContainerError, DeviceSelectionError, RequestError
 from nri_plugin.host.model import DeviceNode, DriverSnapshot, Gpu, HostRoots, IpcPath, Library, MigDevice
-from nri_plugin.request.model import GpuRequest
+from nri_plugin.request.model import GpuRequest, MigMode
 
 VER = "550.54.14"
 ROOT = "/fake"
@@ -313,6 +313,31 @@ def test_mig_config_errors() -> None:
         build_adjustment(request("1:0", monitor="all"), MIG_SNAP)
     # specific full GPUs are fine
     assert build_adjustment(request("1", config="all"), MIG_SNAP).devices
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [
+        ("", MigMode()),
+        (",,", MigMode()),
+        ("all", MigMode(all=True)),
+        ("ALL,0", MigMode(all=True)),  # the first element decides (libnvidia-container)
+        (",0,all", MigMode(unsupported="0")),
+    ],
+)
+def test_mig_modes_are_parsed_once_in_the_request(value: str, mode: MigMode) -> None:
+    req = request("all", config=value, monitor=value)
+    assert req.mig_config == req.mig_monitor == mode
+    if mode.unsupported is not None:
+        with pytest.raises(ContainerError, match=r"^NVIDIA_MIG_CONFIG_DEVICES=',0,all': 0: only 'all'"):
+            build_adjustment(req, MIG_SNAP)
+    else:
+        caps = [
+            p
+            for p in dev_paths(build_adjustment(req, MIG_SNAP))
+            if p in ("/dev/nvidia-caps/nvidia-cap1", "/dev/nvidia-caps/nvidia-cap2")
+        ]
+        assert caps == (["/dev/nvidia-caps/nvidia-cap1", "/dev/nvidia-caps/nvidia-cap2"] if mode.all else [])
 
 
 def test_mig_device_missing_cap_node_or_minor() -> None:

@@ -354,6 +354,31 @@ def test_settings_changes_are_grouped_by_effect() -> None:
     assert dataclasses.replace(old, disable_require=True).hook.disable_require is True
 
 
+def test_loader_settings_have_their_own_effect() -> None:
+    """What ``plugin.loader_config`` reads is declared LOADER (host-root also rediscovers)."""
+    loader = {a for a, s in cfg.SETTINGS.items() if cfg.Effect.LOADER in s.effects}
+    assert loader == {
+        "container_ldcache", "runtime_dir", "containerd_socket", "containerd_namespace", "snapshotter",
+        "image_read_timeout", "cuda_compat_mode", "allow_cuda_compat_libs_from_container", "host_root",
+    }  # fmt: skip
+    old = cfg.Settings()
+    new = dataclasses.replace(old, snapshotter="native", host_root="/host", swarm_resource="X")
+    assert old.changes(new) == {
+        cfg.Effect.REQUEST: ["swarm_resource"],
+        cfg.Effect.DISCOVERY: ["host_root"],
+        cfg.Effect.LOADER: ["host_root", "snapshotter"],
+    }
+    assert new.discovery_key() != old.discovery_key()
+
+
+def test_the_hook_config_is_built_from_the_settings_of_the_same_name() -> None:
+    s = dataclasses.replace(cfg.Settings(), swarm_resource="A,B", accept_volume_mounts=True)
+    for f in dataclasses.fields(HookConfig):
+        if f.init:
+            assert getattr(s.hook, f.name) == getattr(s, f.name), f.name
+    assert s.hook.trigger_prefixes[-2:] == ("A=", "B=")
+
+
 def test_request_model_keys_of_the_plugin_reach_the_hook_config() -> None:
     s = cfg.build()
     assert (s.hook.accept_cdi_annotations, s.hook.fail_unprivileged_envvar) == (False, False)

@@ -5,12 +5,13 @@ readers. The only outcomes allowed are events (frames, messages, requests, rejec
 or a clean :class:`~nri_plugin.errors.ProtocolError`; any other exception is a bug. Where the
 input decodes, what was decoded must re-encode to exactly the bytes consumed.
 
-Stub level: a real :class:`~nri_plugin.wire.stub.Stub` registers with a fake runtime written here
-from our own codecs; then the "runtime" sends garbage (random bytes, random frames, real method
-names with random payloads, oversized frame headers). The stub must never crash, everything it
-sends back must be well-formed, the connection must end cleanly (EOF both ways, ``run()`` returns
-for a runtime-launched stub without raising), and an external stub must reconnect to the
-re-created socket, register again and serve CreateContainer.
+Stub level: a real :class:`~nri_plugin.wire.stub.Stub` registers with the shared fake runtime
+(``tests/fakeruntime.py``, on our own sans-IO session), here strict about what it receives; then
+the "runtime" sends garbage (random bytes, random frames, real method names with random payloads,
+oversized frame headers). The stub must never crash, everything it sends back must be well-formed,
+the connection must end cleanly (EOF both ways, ``run()`` returns for a runtime-launched stub
+without raising), and an external stub must reconnect to the re-created socket, register again and
+serve CreateContainer.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import tempfile
 import uuid
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -35,8 +36,9 @@ from nri_plugin.errors import ProtocolError
 from nri_plugin.wire import mux, ttrpc
 from nri_plugin.wire._gen import api_pb2 as api
 from nri_plugin.wire._gen import ttrpc_pb2
-from nri_plugin.wire.session import FrameDropped, Role, Session
+from nri_plugin.wire.session import Event, FrameDropped, Role, Session
 from nri_plugin.wire.stub import PLUGIN_SERVICE, RUNTIME_SERVICE, Plugin, Stub
+from tests.fakeruntime import FakeRuntime, listen
 
 T = TypeVar("T")
 TIMEOUT = 5.0
@@ -249,81 +251,56 @@ class Adjuster(Plugin):
         self.disconnects += 1
 
 
-class StrictRuntime:
-    """The runtime end of the trunk; records anything the plugin sends that is not well-formed."""
+class StrictRuntime(FakeRuntime):
+    """The shared fake runtime, recording anything the plugin sends that is not well-formed; a
+    write to a plugin that already closed the connection is not an error here (garbage may end it)."""
+
+    call_timeout_nano = 0  # the calls announce no deadline
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.session = Session(Role.RUNTIME)  # we call the plugin on conn 1, serve it on conn 2
         self.violations: list[str] = []
-        self.requests: asyncio.Queue[ttrpc.RequestReceived] = asyncio.Queue()
-        self.answers: dict[int, asyncio.Future[ttrpc.ResponseReceived]] = {}
-        self.eof = asyncio.Event()
-        self.task = asyncio.create_task(self._read())
-
-    @classmethod
-    async def over(cls, sock: socket.socket) -> StrictRuntime:
-        sock.setblocking(False)
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
-        return cls(reader, writer)
+        super().__init__(reader, writer)
 
     async def _read(self) -> None:
         try:
-            while data := await self.reader.read(65536):
-                self._check(data)
+            await super()._read()
         except (ConnectionError, OSError):
             pass
         except ProtocolError as exc:
             self.violations.append(f"plugin sent a bad mux frame: {exc}")
-        finally:
-            self.eof.set()
 
-    def _check(self, data: bytes) -> None:
-        for event in self.session.receive_data(data):
-            if isinstance(event, ttrpc.ResponseReceived):
-                if event.code == ttrpc.Code.INTERNAL and event.message.startswith("failed to decode"):
-                    self.violations.append(f"conn 1: undecodable Response: {event.message}")
-                fut = self.answers.pop(event.stream_id, None)
-                if fut is not None:
-                    fut.set_result(event)
-            elif isinstance(event, ttrpc.RequestReceived) and event.service == RUNTIME_SERVICE:
-                self.requests.put_nowait(event)
-            elif isinstance(event, ttrpc.MessageIgnored):
-                # an answer to the garbage we sent is fine; anything but a Response is not
-                if event.type != ttrpc.TYPE_RESPONSE:
-                    self.violations.append(f"conn 1: not a Response: {event!r}")
-            elif isinstance(event, FrameDropped):
-                self.violations.append(f"frame on unknown mux connection {event.conn_id}")
-            else:
-                self.violations.append(f"conn 2: bad request {event!r:.200}")
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, ttrpc.ResponseReceived):
+            if event.code == ttrpc.Code.INTERNAL and event.message.startswith("failed to decode"):
+                self.violations.append(f"conn 1: undecodable Response: {event.message}")
+            fut = self.answers.pop(event.stream_id, None)
+            if fut is not None:
+                fut.set_result(event)
+        elif isinstance(event, ttrpc.RequestReceived) and event.service == RUNTIME_SERVICE:
+            self.requests.put_nowait(event)
+        elif isinstance(event, ttrpc.MessageIgnored):
+            # an answer to the garbage we sent is fine; anything but a Response is not
+            if event.type != ttrpc.TYPE_RESPONSE:
+                self.violations.append(f"conn 1: not a Response: {event!r}")
+        elif isinstance(event, FrameDropped):
+            self.violations.append(f"frame on unknown mux connection {event.conn_id}")
+        else:
+            self.violations.append(f"conn 2: bad request {event!r:.200}")
 
     async def send(self, data: bytes) -> bool:
         """Write raw bytes; False if the plugin already closed the connection."""
         try:
-            self.writer.write(data)
-            await self.writer.drain()
+            await super().send_bytes(data)
         except (ConnectionError, OSError):
             return False
         return True
 
-    async def call(self, method: str, request: Any) -> ttrpc.ResponseReceived:
-        sid, data = self.session.send_request(PLUGIN_SERVICE, method, request.SerializeToString())
-        fut: asyncio.Future[ttrpc.ResponseReceived] = asyncio.get_running_loop().create_future()
-        self.answers[sid] = fut
+    async def send_bytes(self, data: bytes) -> None:
         await self.send(data)
-        async with asyncio.timeout(TIMEOUT):
-            return await fut
 
     async def register(self) -> None:
         """RegisterPlugin answered, then Configure and Synchronize, as containerd does."""
-        async with asyncio.timeout(TIMEOUT):
-            req = await self.requests.get()
-        assert (req.service, req.method) == (RUNTIME_SERVICE, "RegisterPlugin"), req
-        await self.send(self.session.send_response(req.stream_id, b""))
-        conf = await self.call(
-            "Configure", api.ConfigureRequest(runtime_name="containerd", runtime_version="v1.7.24")
-        )
-        assert conf.ok, conf.message
+        await self.register_and_configure(runtime_name="containerd", runtime_version="v1.7.24")
         sync = await self.call("Synchronize", api.SynchronizeRequest())
         assert sync.ok, sync.message
 
@@ -334,12 +311,6 @@ class StrictRuntime:
                 self.writer.write_eof()
         async with asyncio.timeout(TIMEOUT):
             await self.eof.wait()
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.wait_closed()
-        self.task.cancel()
 
 
 OVERSIZED_HEADER = mux.HEADER.pack(mux.PLUGIN_SERVICE_CONN, mux.MAX_FRAME_PAYLOAD + 1)
@@ -412,26 +383,6 @@ def socket_dir() -> Iterator[Path]:
     d.rmdir()
 
 
-def listen(path: str) -> socket.socket:
-    """Listen on ``path`` the way containerd does at start-up: remove the old socket, bind anew."""
-    if os.path.exists(path):
-        os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    listener.setblocking(False)
-    return listener
-
-
-async def accept(listener: socket.socket) -> StrictRuntime:
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            conn, _ = await asyncio.get_running_loop().sock_accept(listener)
-    finally:
-        listener.close()
-    return await StrictRuntime.over(conn)
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(garbage=hostile_streams())
 def test_external_stub_reconnects_after_garbage(socket_dir: Path, garbage: bytes) -> None:
@@ -442,7 +393,7 @@ def test_external_stub_reconnects_after_garbage(socket_dir: Path, garbage: bytes
         listener = listen(path)
         stub = Stub(plugin, name="fuzz", index="10", socket_path=path, logger=logging.getLogger("fz"))
         task = asyncio.create_task(stub.run())
-        rt = await accept(listener)
+        rt = await StrictRuntime.accept(listener)
         await rt.register()
         async with asyncio.timeout(TIMEOUT):
             await stub.registered.wait()
@@ -450,7 +401,7 @@ def test_external_stub_reconnects_after_garbage(socket_dir: Path, garbage: bytes
         await rt.close()
         assert rt.violations == []
         # containerd restarted: a new socket at the same path.
-        rt2 = await accept(listen(path))
+        rt2 = await StrictRuntime.accept(listen(path))
         await rt2.register()
         async with asyncio.timeout(TIMEOUT):
             while stub.registrations < 2:

@@ -1,6 +1,10 @@
 """The layer map, enforced: imports point down only, and across layers only through the API.
 
-    wire (1) <- request (2) <- host (3) <- adjust (4) <- daemon (5: cli, config, plugin, logs, ...)
+    wire (1) <- request (2) <- host (3) <- adjust (4) <- image (5) <- daemon (6: cli, config,
+    plugin, logs, metrics, health, resync, ...)
+
+``image`` reads the container's image for its loader (I/O, so not part of the pure adjustment
+layer); it builds on the adjust and host APIs and is used by the plugin and ``inspect``.
 
 ``nri_plugin.errors`` is the shared base every layer may import. Code of one layer imports another
 layer only as ``from nri_plugin.<layer> import <name>`` with ``<name>`` in that layer's
@@ -17,8 +21,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "nri_plugin"
-LAYERS = {"wire": 1, "request": 2, "host": 3, "adjust": 4}
-DAEMON = 5
+LAYERS = {"wire": 1, "request": 2, "host": 3, "adjust": 4, "image": 5}
+DAEMON = 6
 
 
 def _layer(module: str) -> str:
@@ -58,7 +62,7 @@ def _source_layer(file: str) -> str:
 def test_the_scan_sees_the_package() -> None:
     found = _imports()
     assert len(found) > 50
-    assert {_source_layer(f) for f, *_ in found} >= {"wire", "request", "host", "adjust", "daemon"}
+    assert {_source_layer(f) for f, *_ in found} >= {*LAYERS, "daemon"}
 
 
 def test_imports_point_down_only() -> None:

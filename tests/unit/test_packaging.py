@@ -1,4 +1,5 @@
-"""Checks of the node packaging: systemd unit, Kubernetes manifests, containerd snippets, docs.
+"""Checks of the node packaging: systemd unit, Kubernetes manifests, containerd snippets, docs,
+and that pre-commit runs the linters of ``scripts/check``.
 
 The manifests are validated against the Kubernetes OpenAPI schemas bundled with
 ``kubernetes-validate`` (offline, strict: unknown fields fail). The containerd snippets are parsed
@@ -459,3 +460,42 @@ def test_image_tag_is_the_package_version_and_the_containerfile_uses_the_same_in
     for dep in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
         name = re.split(r"[<>=!~\[ ;]", dep, maxsplit=1)[0]
         assert f"{name}==" in pins, f"{name} (a pyproject dependency) is not pinned in deploy/image/"
+
+
+def _linter_commands_of_scripts_check() -> dict[str, list[str]]:
+    """``"$py" -m <tool> <args>`` lines of scripts/check, tool name -> args (pytest left out)."""
+    out: dict[str, list[str]] = {}
+    for line in (REPO / "scripts" / "check").read_text().splitlines():
+        words = line.split()
+        if words[:2] == ['"$py"', "-m"] and words[2] != "pytest":
+            n = 4 if words[2] == "ruff" else 3  # ruff's subcommand is part of the tool's name
+            out[" ".join(words[2:n])] = words[n:]
+    return out
+
+
+def _linter_commands_of_pre_commit() -> dict[str, list[str]]:
+    doc = yaml.safe_load((REPO / ".pre-commit-config.yaml").read_text())
+    out: dict[str, list[str]] = {}
+    for repo in doc["repos"]:
+        for hook in repo["hooks"]:
+            words = hook["entry"].split()
+            assert words[:2] == [".venv/bin/python", "-m"], hook  # the project's own environment
+            n = 4 if words[2] == "ruff" else 3
+            out[" ".join(words[2:n])] = words[n:]
+    return out
+
+
+def test_pre_commit_runs_the_linters_of_scripts_check_with_the_same_arguments() -> None:
+    """scripts/check names the tree (``ruff check .``); pre-commit passes the changed files instead,
+    with ``--force-exclude`` so that ruff's extend-exclude still applies to them. Past that, the
+    commands must be the same, so a commit that pre-commit accepts also passes scripts/check."""
+    check = _linter_commands_of_scripts_check()
+    hooks = _linter_commands_of_pre_commit()
+    assert set(check) == set(hooks) == {"ruff check", "ruff format", "mypy"}
+    for tool, args in check.items():
+        if tool.startswith("ruff"):
+            assert args[-1] == "." and hooks[tool][-1] == "--force-exclude", (tool, args, hooks[tool])
+            args, hooked = args[:-1], hooks[tool][:-1]
+        else:
+            hooked = hooks[tool]
+        assert hooked == args, f"{tool}: pre-commit runs {hooked}, scripts/check runs {args}"

@@ -236,6 +236,23 @@ def test_toolkit_warnings_of_the_nri_config_are_logged_once(harness: Harness) ->
     assert "mode = 'cdi'" in details and "nvidia-container-cli.future-key" in details
 
 
+def test_a_loader_setting_at_configure_rebuilds_the_loader_and_a_request_setting_does_not(
+    harness: Harness,
+) -> None:
+    p = harness.plugin
+    first = p.loader
+    asyncio.run(p.configure('swarm-resource = "DOCKER_RESOURCE_GPU"\n', "containerd", "1.7.24"))
+    assert p.settings.swarm_resource == "DOCKER_RESOURCE_GPU" and p.loader is first  # REQUEST only
+    native = '[nri-plugin]\nsnapshotter = "native"\n'
+    asyncio.run(p.configure(native, "containerd", "1.7.24"))
+    assert p.loader is not first and p.loader.config.snapshotter == "native"  # LOADER
+    second = p.loader
+    mount = native + '[nvidia-container-runtime.modes.legacy]\ncuda-compat-mode = "mount"\n'
+    asyncio.run(p.configure(mount, "containerd", "1.7.24"))  # LOADER, but the same loader config
+    assert p.settings.cuda_compat_mode == "mount" and p.loader is second
+    assert p.loader.config == second.config
+
+
 def test_configure_with_new_roots_rediscovers(tmp_path: Path, host: FakeHost) -> None:
     h = Harness(str(tmp_path), roots_in_file=True)  # no driver here; the NRI config may override
     asyncio.run(h.plugin.discover())

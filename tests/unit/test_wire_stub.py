@@ -1,10 +1,9 @@
-"""The stub and connection against a fake runtime built from our own codecs (no containerd)."""
+"""The stub and connection against the shared fake runtime (``tests/fakeruntime.py``, no containerd)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -17,8 +16,8 @@ from nri_plugin.errors import ConfigError, ContainerError
 from nri_plugin.wire import mux, ttrpc
 from nri_plugin.wire._gen import api_pb2 as api
 from nri_plugin.wire.connection import Connection, ConnectionClosed
-from nri_plugin.wire.session import Role, Session
 from nri_plugin.wire.stub import PLUGIN_SERVICE, RUNTIME_SERVICE, Plugin, Stub, event_mask
+from tests.fakeruntime import FakeRuntime, listen
 
 T = TypeVar("T")
 TIMEOUT = 5.0
@@ -30,77 +29,6 @@ def run(coro: Awaitable[T]) -> T:
             return await coro
 
     return asyncio.run(bounded())
-
-
-class FakeRuntime:
-    """The runtime side of the trunk: ttrpc client on conn 1, ttrpc server on conn 2."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.session = Session(Role.RUNTIME)
-        self.requests: asyncio.Queue[ttrpc.RequestReceived] = asyncio.Queue()
-        self.answers: dict[int, asyncio.Future[ttrpc.ResponseReceived]] = {}
-        self.task = asyncio.create_task(self._read())
-
-    @classmethod
-    async def over(cls, sock: socket.socket) -> FakeRuntime:
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
-        return cls(reader, writer)
-
-    async def _read(self) -> None:
-        while data := await self.reader.read(65536):
-            for event in self.session.receive_data(data):
-                if isinstance(event, ttrpc.ResponseReceived):
-                    self.answers.pop(event.stream_id).set_result(event)
-                else:
-                    assert isinstance(event, ttrpc.RequestReceived), event
-                    await self.requests.put(event)
-
-    async def send_bytes(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def send_raw(self, conn: int, message: bytes) -> None:
-        """One ttrpc message, framed for ``conn`` (also malformed ones, for the tests)."""
-        await self.send_bytes(mux.encode_message(conn, message))
-
-    async def start_call(
-        self, method: str, request: Any, service: str = PLUGIN_SERVICE
-    ) -> asyncio.Future[ttrpc.ResponseReceived]:
-        sid, data = self.session.send_request(service, method, request.SerializeToString(), 2_000_000_000)
-        fut: asyncio.Future[ttrpc.ResponseReceived] = asyncio.get_running_loop().create_future()
-        self.answers[sid] = fut
-        await self.send_bytes(data)
-        return fut
-
-    async def call(self, method: str, request: Any, service: str = PLUGIN_SERVICE) -> ttrpc.ResponseReceived:
-        fut = await self.start_call(method, request, service)
-        async with asyncio.timeout(TIMEOUT):
-            return await fut
-
-    async def next_request(self) -> ttrpc.RequestReceived:
-        async with asyncio.timeout(TIMEOUT):
-            return await self.requests.get()
-
-    async def reply(self, stream_id: int, message: Any = None, code: int = 0, text: str = "") -> None:
-        if code:
-            data = self.session.send_error(stream_id, code, text)
-        else:
-            data = self.session.send_response(stream_id, (message or api.Empty()).SerializeToString())
-        await self.send_bytes(data)
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
-        self.task.cancel()
-
-    async def register_and_configure(self, **configure: Any) -> api.ConfigureResponse:
-        req = await self.next_request()
-        assert (req.service, req.method) == (RUNTIME_SERVICE, "RegisterPlugin")
-        await self.reply(req.stream_id)
-        resp = await self.call("Configure", api.ConfigureRequest(**configure))
-        assert resp.ok, resp.message
-        return api.ConfigureResponse.FromString(resp.payload)
 
 
 def pod(n: int) -> api.PodSandbox:
@@ -412,20 +340,6 @@ def test_external_plugin_reconnects_and_reregisters(tmp_path: Path) -> None:
     plugin = Recorder()
     path = str(tmp_path / "nri.sock")
 
-    async def accept_one() -> FakeRuntime:
-        if os.path.exists(path):
-            os.unlink(path)  # the runtime re-creates its socket on restart
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(1)
-        listener.setblocking(False)
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                conn, _ = await asyncio.get_running_loop().sock_accept(listener)
-        finally:
-            listener.close()
-        return await FakeRuntime.over(conn)
-
     async def full_registration(rt: FakeRuntime) -> None:
         conf = await rt.register_and_configure(runtime_name="containerd", runtime_version="v2.0.0")
         assert conf.events == RECORDER_MASK
@@ -436,12 +350,12 @@ def test_external_plugin_reconnects_and_reregisters(tmp_path: Path) -> None:
         task = asyncio.create_task(stub.run())
         await asyncio.sleep(0.25)  # nothing listens yet: the stub keeps retrying
         assert not task.done()
-        rt = await accept_one()
+        rt = await FakeRuntime.accept(listen(path))  # a new socket each time, as on restart
         await full_registration(rt)
         async with asyncio.timeout(TIMEOUT):
             await stub.registered.wait()
         await rt.close()  # runtime restart
-        rt = await accept_one()
+        rt = await FakeRuntime.accept(listen(path))  # a new socket each time, as on restart
         await full_registration(rt)
         async with asyncio.timeout(TIMEOUT):
             while stub.registrations < 2:
@@ -552,6 +466,31 @@ def test_large_response_is_framed_for_the_go_reader() -> None:
     run(scenario())
 
 
+def test_a_handler_raising_rpc_error_answers_with_exactly_its_code() -> None:
+    """``Plugin`` promises that raising ``ttrpc.RpcError`` picks the status code: every non-OK
+    code goes out on the wire as given, with its text, and no payload."""
+
+    class Picky(Recorder):
+        async def create_container(
+            self, pod: api.PodSandbox, container: api.Container
+        ) -> api.CreateContainerResponse:
+            code = int(container.env[0].removeprefix("CODE="))
+            raise ttrpc.RpcError(code, f"refused with {code}")
+
+    codes = [c for c in ttrpc.Code if c is not ttrpc.Code.OK]
+
+    async def scenario() -> None:
+        async with launched(Picky()) as (_stub, rt, _):
+            await rt.register_and_configure(runtime_name="containerd", runtime_version="v2.1.0")
+            for code in codes:
+                req = api.CreateContainerRequest(pod=pod(1), container=ctr(1, env=(f"CODE={int(code)}",)))
+                r = await rt.call("CreateContainer", req)
+                assert (r.code, r.message, r.payload) == (code, f"refused with {int(code)}", b""), code
+
+    run(scenario())
+    assert len(codes) == 16
+
+
 def test_handler_error_that_cannot_be_sent_verbatim_still_gets_an_answer() -> None:
     """An error text too large (or not encodable) for a ttrpc Response is cut down, never dropped:
     without an answer the runtime times out and creates the container without us (fail-open)."""
@@ -623,20 +562,6 @@ def test_hung_handler_then_runtime_timeout_reconnects_cleanly(tmp_path: Path) ->
     plugin = Hangs()
     path = str(tmp_path / "nri.sock")
 
-    async def accept_one() -> FakeRuntime:
-        if os.path.exists(path):
-            os.unlink(path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(1)
-        listener.setblocking(False)
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                conn, _ = await asyncio.get_running_loop().sock_accept(listener)
-        finally:
-            listener.close()
-        return await FakeRuntime.over(conn)
-
     async def register(rt: FakeRuntime) -> None:
         await rt.register_and_configure(runtime_name="containerd", runtime_version="v2.1.0")
         assert (await rt.call("Synchronize", api.SynchronizeRequest())).ok
@@ -644,7 +569,7 @@ def test_hung_handler_then_runtime_timeout_reconnects_cleanly(tmp_path: Path) ->
     async def scenario() -> None:
         stub = Stub(plugin, name="gpu", index="10", socket_path=path, logger=logging.getLogger("t"))
         task = asyncio.create_task(stub.run())
-        rt = await accept_one()
+        rt = await FakeRuntime.accept(listen(path))  # a new socket each time, as on restart
         await register(rt)
         pending = await rt.start_call(
             "CreateContainer", api.CreateContainerRequest(pod=pod(1), container=ctr(1, env=("HANG=1",)))
@@ -653,7 +578,7 @@ def test_hung_handler_then_runtime_timeout_reconnects_cleanly(tmp_path: Path) ->
             await hung.wait()
         await rt.close()  # the runtime's request timeout: "closing plugin ..."
         assert not pending.done()
-        rt = await accept_one()
+        rt = await FakeRuntime.accept(listen(path))  # a new socket each time, as on restart
         await register(rt)
         async with asyncio.timeout(TIMEOUT):
             while stub.registrations < 2:
