@@ -17,7 +17,7 @@ what an attacker on the node would and checks the final OCI spec and what the co
     (CVE-2024-0132 class). containerd must never get that path: the create fails with a clear
     error; once the file is back, the next container is served without a restart.
 ``test_in_place_driver_upgrade_serves_the_next_container``
-    The files are replaced by new ones (new inodes), as a driver upgrade does: the very next GPU
+    The driver is upgraded in place to a new version (old files deleted): the very next GPU
     container is served with the new files (before: 7-10 s of failures, mounts of deleted files).
 ``test_hostile_flood_does_not_disconnect_the_plugin``
     Unprivileged containers with a 1.5 MiB ``CUDA_VERSION``, 1 MiB device lists and long
@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 
 from nri_plugin.request.limits import DEVICE_LIST_LIMIT
-from tests.fakehost import FakeHost
+from tests.fakehost import FakeHost, upgrade_driver
 
 from .containerd import Containerd
 from .cri import ContainerRequest, CriClient, CriError, Pod
@@ -214,24 +214,29 @@ def test_swapped_library_is_refused_then_recovers(
 def test_in_place_driver_upgrade_serves_the_next_container(
     containerd: Containerd, cri: CriClient, pod: Pod, host: FakeHost, e2e_images: BuiltImages
 ) -> None:
+    """A real in-place upgrade (550.54.14 -> 560.35.03: new files, links repointed, old files deleted,
+    cache rebuilt), the next GPU container created at once: it runs, with the new driver's files."""
     with _plugin(containerd, host, "upgrade") as plugin:
         _, log, code = _gpu(cri, pod, e2e_images, "/usr/bin/gpu-probe", "old")
         assert code == 0, log
-        replaced: list[Path] = []
-        for rel in (*host.libraries["compute"], *host.libraries["utility"]):
-            path = host.path(rel)
-            new = path.with_name(path.name + ".new")
-            shutil.copy2(path, new)
-            os.replace(new, path)  # a new inode under the old name, as a package upgrade does
-            replaced.append(path)
-        t0 = time.monotonic()
-        spec, log, code = _gpu(cri, pod, e2e_images, "/usr/bin/gpu-probe", "new")
-        elapsed = time.monotonic() - t0
+        new_host = upgrade_driver(host, "560.35.03")
+        assert not list(host.root.rglob("*550.54.14*"))
+        spec, log, code = _gpu(
+            cri, pod, e2e_images, "/usr/bin/gpu-probe; ls /usr/lib/x86_64-linux-gnu", "new"
+        )
+        rediscovered = plugin.find("host driver rediscovered")
     assert code == 0 and "PROBE_OK" in log, log
     mounts = mounts_by_destination(spec)
-    assert mounts[f"{host.lib_dir}/libcuda.so.1"]["source"] == str(host.path(host.libraries["compute"][0]))
-    assert plugin.find("host driver rediscovered")
-    assert elapsed < 10, elapsed  # served on the first try, not after the watch interval
+    libcuda = new_host.libraries["compute"][0]
+    assert libcuda.endswith("libcuda.so.560.35.03")
+    assert mounts[f"{host.lib_dir}/libcuda.so.1"]["source"] == str(new_host.path(libcuda))
+    from_driver = [
+        str(m["source"]) for m in mounts.values() if str(m.get("source", "")).startswith(str(host.root))
+    ]
+    assert from_driver and all(os.path.exists(src) for src in from_driver), from_driver
+    assert not any("550.54.14" in src for src in from_driver), from_driver
+    assert "libcuda.so.560.35.03" in log and "550.54.14" not in log, log
+    assert rediscovered  # on the hot path (the CreateContainer itself), not after the watch interval
 
 
 def test_hostile_flood_does_not_disconnect_the_plugin(

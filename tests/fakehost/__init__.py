@@ -11,6 +11,7 @@ from tests.fakehost.builder import (
     build_fake_host,
     make_gpus,
     mig_cap_minor,
+    upgrade_driver,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "build_fake_host",
     "make_gpus",
     "mig_cap_minor",
+    "upgrade_driver",
 ]

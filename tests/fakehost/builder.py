@@ -22,6 +22,7 @@ library is built once (gcc is slow); hosts get copies.
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 import os
 import shutil
 import stat
@@ -496,6 +497,57 @@ def build_fake_host(
         uvm_major=uvm_major,
         caps_major=caps_major,
     )
+
+
+def upgrade_driver(host: FakeHost, new_version: str) -> FakeHost:
+    """Upgrade the fake driver in place, as a package manager does on a live node: new versioned
+    files are unpacked beside the old ones, the SONAME links are repointed (atomically), the old
+    files are deleted, the loader cache is rebuilt and the kernel module reports the new version.
+    Every old versioned path is gone afterwards; the returned host describes the new driver."""
+    old = host.driver_version
+    if new_version == old:
+        raise ValueError("upgrade_driver: the new version is the old one")
+    olds = [p for p in host.root.rglob(f"*{old}*") if not p.is_dir() and "proc" not in p.parts]
+    versioned_sonames = {
+        f"{stem}.{old}" for libs in DRIVER_LIBS.values() for stem, soname in libs if soname is None
+    }
+    for path in olds:  # unpack the new files beside the old ones
+        new = path.with_name(path.name.replace(old, new_version))
+        if "firmware" in path.parts:
+            new = Path(str(path).replace(f"/{old}/", f"/{new_version}/"))
+        new.parent.mkdir(parents=True, exist_ok=True)
+        if path.name in versioned_sonames:  # its SONAME carries the version: a new object
+            obj = build_driver_lib(new.name, cuda_version=host.cuda_version, is_32bit=LIB32_DIR in str(path))
+            shutil.copyfile(obj, new)
+            new.chmod(0o755)
+        else:
+            shutil.copy2(path, new)
+    for link in (p for p in host.root.rglob("*") if p.is_symlink() and old in os.readlink(p)):
+        tmp = link.with_name(link.name + ".dpkg-new")
+        tmp.symlink_to(os.readlink(link).replace(old, new_version))
+        os.replace(tmp, link)
+    for path in olds:
+        path.unlink()
+    old_fw = host.root / "lib/firmware/nvidia" / old
+    if old_fw.is_dir():
+        shutil.rmtree(old_fw)
+    for b in BINARIES:
+        binary = host.root / "usr/bin" / b
+        if binary.exists():
+            _write(binary, f"#!/bin/sh\necho fake {b} {new_version}\n", 0o755)
+    _run_ldconfig(host.root)
+    version_file = host.proc("driver/nvidia/version")
+    if version_file.exists():
+        version_file.write_text(version_file.read_text().replace(old, new_version))
+    upgraded = dataclasses.replace(
+        host,
+        driver_version=new_version,
+        libraries={g: tuple(p.replace(old, new_version) for p in ps) for g, ps in host.libraries.items()},
+        libraries32={g: tuple(p.replace(old, new_version) for p in ps) for g, ps in host.libraries32.items()},
+    )
+    if upgraded.nvml_config is not None:
+        upgraded.write_nvml_config()
+    return upgraded
 
 
 def drm_card(gpu_position: int) -> str:

@@ -41,7 +41,7 @@ from nri_plugin.metrics import NullMetrics
 from nri_plugin.plugin import GpuPlugin
 from nri_plugin.request.model import GpuRequest, HookConfig
 from nri_plugin.wire._gen import api_pb2 as api
-from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus
+from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus, upgrade_driver
 
 ALL_CAPS = "compute,compat32,graphics,utility,video,display,ngx"
 USER = 1000
@@ -341,6 +341,28 @@ def test_upgraded_file_is_refused_and_rediscovered(tmp_path: Path) -> None:
     records = [json.loads(line) for line in plugin.log_buf.getvalue().splitlines()]  # type: ignore[attr-defined]
     assert any(r["msg"] == "host driver changed under a snapshot; rediscovering" for r in records)
     assert any(r["msg"] == "host driver rediscovered" for r in records)
+
+
+def test_upgrade_to_a_new_driver_version_serves_the_very_next_container(tmp_path: Path) -> None:
+    """The fault of the issue: a real in-place upgrade (new version, old files deleted, links and
+    cache rewritten). The old snapshot names deleted files; before pinning, containers got mounts
+    of them for 7-10 s (until the watch noticed). Now the next create is served with the new ones."""
+    host = _host(tmp_path)
+    plugin = _plugin(host)
+    old = plugin.driver.snapshot() or pytest.fail("no snapshot")
+    first = asyncio.run(plugin.create_container(POD, _container()))
+    assert any(m.source.endswith("libcuda.so.550.54.14") for m in first.adjust.mounts)
+    new_host = upgrade_driver(host, "560.35.03")
+    assert not list(host.root.rglob("*550.54.14*"))
+    with pytest.raises(DriverChangedError):
+        _decide(old)  # the old snapshot is never mounted from again
+    resp = asyncio.run(plugin.create_container(POD, _container()))
+    sources = [m.source for m in resp.adjust.mounts]
+    assert str(new_host.path(new_host.libraries["compute"][0])) in sources
+    assert all(os.path.exists(src) for src in sources), [s for s in sources if not os.path.exists(s)]
+    assert not any("550.54.14" in src for src in sources)
+    snap = plugin.driver.snapshot()
+    assert snap is not None and snap.driver_version == "560.35.03"
 
 
 def test_swapped_library_fails_the_container_after_rediscovery(tmp_path: Path) -> None:
