@@ -21,8 +21,8 @@ library is built once (gcc is slow); hosts get copies.
 
 from __future__ import annotations
 
-import hashlib
 import dataclasses
+import hashlib
 import os
 import shutil
 import stat
