@@ -320,6 +320,19 @@ class Settings:
         negative_flag=True,
         effect=Effect.DISCOVERY,
     )
+    nvml_timeout: float = _setting(
+        20.0,
+        key="nri-plugin.nvml-timeout",
+        type_name="a number of seconds",
+        check=_is_number,
+        convert=_interval,
+        help="how long one NVML query during discovery may take before it counts as hung (default "
+        "20; nvmlInit can take seconds without persistence mode); the plugin registers without waiting",
+        flag="--nvml-timeout",
+        metavar="SECONDS",
+        flag_type=float,
+        effect=Effect.DISCOVERY,
+    )
     mps_pipe_dir: str = _root_dir(
         "/tmp/nvidia-mps",
         key="nri-plugin.mps-pipe-dir",

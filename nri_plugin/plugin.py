@@ -62,6 +62,7 @@ def discover_kwargs(settings: Settings) -> dict[str, Any]:
     return {
         "ldcache_path": settings.ldcache_path,
         "use_nvml": settings.use_nvml,
+        "nvml_timeout": settings.nvml_timeout,
         "mps_pipe_dir": settings.mps_pipe_dir,
     }
 

@@ -227,7 +227,7 @@ def query_nvml(lib_path: str, *, timeout: float = DEFAULT_TIMEOUT, python: str =
     except subprocess.TimeoutExpired as exc:
         raise HostDiscoveryError(
             f"the NVML query of {lib_path!r} did not finish within {timeout:g}s; the driver may be hung or "
-            "not in persistence mode (enable nvidia-persistenced) -- or raise the NVML timeout"
+            "not in persistence mode (enable nvidia-persistenced), or raise [nri-plugin] nvml-timeout"
         ) from exc
     except OSError as exc:
         raise HostDiscoveryError(f"cannot start the NVML helper {python!r}: {exc.strerror}") from exc

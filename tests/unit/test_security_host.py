@@ -385,7 +385,7 @@ def _container(caps: str = "utility,compute") -> api.Container:
     )
 
 
-def _plugin(host: FakeHost, *, discover: bool = True) -> GpuPlugin:
+def _plugin(host: FakeHost, *, discover: bool = True, extra: dict[str, object] | None = None) -> GpuPlugin:
     root = str(host.root)
     flags = cfg.layer_from_flags(
         {
@@ -395,6 +395,7 @@ def _plugin(host: FakeHost, *, discover: bool = True) -> GpuPlugin:
             "nri-plugin.sys-root": f"{root}/sys",
             "nri-plugin.run-root": root,
             "nri-plugin.use-nvml": False,
+            **(extra or {}),
         }
     )
     buf = io.StringIO()
@@ -515,6 +516,24 @@ def test_nvml_helper_ignores_cwd_and_environment(tmp_path: Path, monkeypatch: py
 
 
 # --- registration does not wait for discovery -------------------------------------------------
+
+
+def test_nvml_timeout_is_a_setting(tmp_path: Path) -> None:
+    """A hung nvmlInit costs discovery ``nvml-timeout`` seconds, then /proc is used; the note names
+    the setting to raise (the text named one that could not be set before)."""
+    host = _host(tmp_path)
+    host.write_nvml_config(["init_sleep 30"])
+    plugin = _plugin(
+        host, discover=False, extra={"nri-plugin.use-nvml": True, "nri-plugin.nvml-timeout": 0.5}
+    )
+    assert plugin.settings.nvml_timeout == 0.5
+    t0 = time.monotonic()
+    assert plugin.driver.refresh()
+    elapsed = time.monotonic() - t0
+    snap = plugin.driver.snapshot()
+    assert snap is not None and snap.source == "proc", snap
+    assert any("did not finish within 0.5s" in n and "nvml-timeout" in n for n in snap.missing), snap.missing
+    assert elapsed < 10, elapsed  # 0.5 s, not the default 20 s (nor the 30 s the hang lasts)
 
 
 def _plugin_with_slow_discovery(host: FakeHost) -> tuple[GpuPlugin, threading.Event]:
