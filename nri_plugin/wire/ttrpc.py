@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -131,7 +131,13 @@ class MessageReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Message | OversizedMessage]:
-        out: list[Message | OversizedMessage] = []
+        """All messages completed by ``data`` (see :meth:`messages`)."""
+        return list(self.messages(data))
+
+    def messages(self, data: bytes) -> Iterator[Message | OversizedMessage]:
+        """The messages completed by ``data``, one at a time: a consumer that stops early (a peer
+        past its violation limit) costs nothing for the rest -- 16 MiB of zeros are 1.6 million
+        empty messages, never materialized. What was not consumed is dropped with the reader."""
         if self._discard:
             skip = min(self._discard, len(data))
             self._discard -= skip
@@ -140,23 +146,24 @@ class MessageReader:
         buf += data
         pos = 0
         end = len(buf)
-        while end - pos >= HEADER_SIZE:
-            length, stream_id, msg_type, flags = HEADER.unpack_from(buf, pos)
-            if length > self._max:
-                out.append(OversizedMessage(stream_id, msg_type, length))
-                pos += HEADER_SIZE
-                skip = min(length, end - pos)
-                pos += skip
-                self._discard = length - skip
-                continue
-            start = pos + HEADER_SIZE
-            if end - start < length:
-                break
-            out.append(Message(stream_id, msg_type, flags, bytes(buf[start : start + length])))
-            pos = start + length
-        if pos:
-            del buf[:pos]
-        return out
+        try:
+            while end - pos >= HEADER_SIZE:
+                length, stream_id, msg_type, flags = HEADER.unpack_from(buf, pos)
+                if length > self._max:
+                    pos += HEADER_SIZE
+                    skip = min(length, end - pos)
+                    pos += skip
+                    self._discard = length - skip
+                    yield OversizedMessage(stream_id, msg_type, length)
+                    continue
+                start = pos + HEADER_SIZE
+                if end - start < length:
+                    break
+                pos = start + length
+                yield Message(stream_id, msg_type, flags, bytes(buf[start:pos]))
+        finally:
+            if pos:
+                del buf[:pos]
 
 
 # --- server side (mux conn 1) -----------------------------------------------------------------
@@ -211,7 +218,7 @@ class ServerConnection:
 
     def receive_data(self, data: bytes) -> list[RequestReceived | RequestRejected]:
         events: list[RequestReceived | RequestRejected] = []
-        for msg in self._reader.feed(data):
+        for msg in self._reader.messages(data):
             if isinstance(msg, OversizedMessage):
                 events.append(
                     RequestRejected(msg.stream_id, Code.RESOURCE_EXHAUSTED, oversized_message(msg.length))
@@ -345,7 +352,7 @@ class ClientConnection:
 
     def receive_data(self, data: bytes) -> list[ResponseReceived | MessageIgnored]:
         events: list[ResponseReceived | MessageIgnored] = []
-        for msg in self._reader.feed(data):
+        for msg in self._reader.messages(data):
             if msg.type != TYPE_RESPONSE or msg.stream_id not in self._pending:
                 events.append(MessageIgnored(msg.stream_id, msg.type))  # answers nothing we asked
                 continue
