@@ -332,9 +332,11 @@ class GpuPlugin(Plugin):
             self._start_watch()
         if self._watch_task is not None or self.metrics.address:
             self._ensure_metrics()
-        # Two loader settings can change without changing the service's config (cuda-compat-mode
-        # ldconfig -> mount both mean compat on): then the service and its memos stay.
-        if changes.get(Effect.LOADER) and loader_config(new) != self.loader.config:
+        # Decided by the loader's config itself, not by the LOADER effect of what changed: two
+        # loader settings can change without changing it (cuda-compat-mode ldconfig -> mount both
+        # mean compat on), and then the service and its memos stay. The declarations are kept
+        # honest by a test (test_config: what changes loader_config is declared LOADER).
+        if loader_config(new) != self.loader.config:
             self.loader = self._make_loader(new)
             if self._watch_task is not None:
                 self._prepare_state()
@@ -356,7 +358,7 @@ class GpuPlugin(Plugin):
                     self.settings.hook,
                     driver.snapshot(),
                     discovery_pending=driver.pending,
-                    discovery_error=driver.last_error,
+                    discovery_error=driver.discovery_error,
                     annotations=annotations,
                     device_paths=device_paths(container),
                 )

@@ -366,9 +366,20 @@ def _mig_all(
 _LIBRARY_CAPABILITIES = frozenset({"video", "graphics", "display", "ngx", "compat32"})
 
 
+def _rediscover_if_rejected_changed(what: str, snapshot: DriverSnapshot) -> None:
+    """Raise :class:`DriverChangedError` when a candidate discovery rejected has changed since
+    (e.g. the library that was a dangling link mid-upgrade is back): rediscover, do not fail."""
+    changed = verify(snapshot.rejected)
+    if changed is not None:
+        raise DriverChangedError(
+            f"{what} unusable at discovery and has changed since ({changed}); rediscovering"
+        )
+
+
 def _check_key_libraries(snapshot: DriverSnapshot, caps: frozenset[str]) -> None:
     without_key = sorted(caps & _LIBRARY_CAPABILITIES)
     if without_key and not any(snapshot.libraries.values()) and not (caps & KEY_LIBRARIES.keys()):
+        _rediscover_if_rejected_changed("the driver libraries were", snapshot)
         raise ContainerError(
             f"NVIDIA_DRIVER_CAPABILITIES includes {without_key[0]!r}, but no driver library at all "
             f"(driver {snapshot.driver_version}) was found through the ld.so.cache of the driver root "
@@ -381,12 +392,7 @@ def _check_key_libraries(snapshot: DriverSnapshot, caps: frozenset[str]) -> None
             continue
         group, prefix = key
         if not any(lib.soname.startswith(prefix) for lib in snapshot.libraries.get(group, ())):
-            changed = verify(snapshot.rejected)
-            if changed is not None:  # e.g. the library that was a dangling link is back
-                raise DriverChangedError(
-                    f"the driver library {prefix}* was unusable at discovery and has changed since "
-                    f"({changed}); rediscovering"
-                )
+            _rediscover_if_rejected_changed(f"the driver library {prefix}* was", snapshot)
             raise ContainerError(
                 f"NVIDIA_DRIVER_CAPABILITIES includes {cap!r}, but the driver library {prefix}* "
                 f"(driver {snapshot.driver_version}) was not found through the ld.so.cache of the "

@@ -93,6 +93,9 @@ class HostDriver:
         self._fingerprint: Fingerprint | None = None
         self._lock = threading.Lock()
         self.last_error: str | None = None
+        # Why the last discovery itself failed (None once one succeeds): what a GPU container is
+        # told when there is no snapshot. Not the watch's own failures (last_error has those too).
+        self.discovery_error: str | None = None
         self.no_driver_reason: str | None = None
         self.refreshes = 0
         self.attempts = 0  # refreshes finished, failed ones included
@@ -137,6 +140,10 @@ class HostDriver:
             await asyncio.wait_for(asyncio.shield(task), budget)
         except TimeoutError:
             return False
+        except asyncio.CancelledError:
+            if task.cancelled() and not _current_task_cancelling():
+                return True  # the shared refresh was cancelled, not this caller: re-read the state
+            raise
         except Exception:  # refresh() reports its own failures; the caller re-reads the state
             log.exception("host driver refresh failed")
         return True
@@ -163,11 +170,13 @@ class HostDriver:
             new = self._discover_fn(self.roots, **self._kwargs)
         except (HostDiscoveryError, OSError) as exc:
             self.last_error = f"host driver discovery failed (keeping the previous state): {exc}"
+            self.discovery_error = str(exc)
             log.warning("%s", self.last_error)
             self._fingerprint = before
             return False
         self.refreshes += 1
         self.last_error = None
+        self.discovery_error = None
         self.no_driver_reason = (
             None if new is not None else explain_no_driver(self.roots, ldcache_path=self._ldcache_path)
         )
@@ -184,12 +193,19 @@ class HostDriver:
                 if self._pending is not None and not self._pending.done():
                     await asyncio.shield(self._pending)  # e.g. the first discovery: do not queue another
                 stale = self._fingerprint is None or await asyncio.to_thread(self.changed)
-                if stale and await self.start_refresh():
+                # shielded: cancelling the watch (a Configure, close) must not cancel the refresh
+                # that a CreateContainer may be waiting for in refresh_soon
+                if stale and await asyncio.shield(self.start_refresh()):
                     log.info("host driver changed: %s", _summary(self._snapshot))
             except Exception as exc:  # the watcher must survive anything a weird host throws at it
                 self.last_error = f"host driver watch failed: {exc!r}"
                 log.exception("host driver watch failed")
             await asyncio.sleep(interval)
+
+
+def _current_task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _summary(snap: DriverSnapshot | None) -> str:

@@ -511,8 +511,11 @@ def _driver_capabilities(env: Mapping[str, str], legacy: bool, config: HookConfi
     return requested
 
 
-def _requirements(env: Mapping[str, str], legacy: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The requirement values and, parallel to them, the variable each came from."""
+def _requirements(
+    env: Mapping[str, str], legacy: bool, *, count_terms: bool = True
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The requirement values and, parallel to them, the variable each came from. ``count_terms``:
+    apply the term limit (evaluation is what it bounds: not when requirements are disabled)."""
     names = sorted(name for name in env if name.startswith(ENV_REQUIRE_PREFIX))
     requirements = [checked(env, name) or "" for name in names]
     total = sum(map(len, requirements))
@@ -522,7 +525,7 @@ def _requirements(env: Mapping[str, str], legacy: bool) -> tuple[tuple[str, ...]
             f"characters long together, over the NVIDIA NRI plugin's limit of {MAX_REQUIREMENT_TOTAL}; "
             "no real image needs that much: fix the image or pod spec that sets them"
         )
-    terms = sum(map(requirement_terms, requirements))
+    terms = sum(map(requirement_terms, requirements)) if count_terms else 0
     if terms > MAX_REQUIREMENT_TERMS:
         raise RequestError(
             f"the NVIDIA_REQUIRE_* variables ({len(names)}: {', '.join(names)[:200]}) have {terms} terms "
@@ -617,10 +620,10 @@ def resolve_request(
         )
 
     capabilities = _driver_capabilities(variables, legacy, config)
-    requirements, sources = _requirements(variables, legacy)
     disable_require = (
         bool(parse_go_bool(checked(variables, ENV_DISABLE_REQUIRE) or "")) or config.disable_require
     )
+    requirements, sources = _requirements(variables, legacy, count_terms=not disable_require)
 
     request = GpuRequest(
         devices=devices,

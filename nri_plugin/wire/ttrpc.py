@@ -136,8 +136,9 @@ class MessageReader:
 
     def messages(self, data: bytes) -> Iterator[Message | OversizedMessage]:
         """The messages completed by ``data``, one at a time: a consumer that stops early (a peer
-        past its violation limit) costs nothing for the rest -- 16 MiB of zeros are 1.6 million
-        empty messages, never materialized. What was not consumed is dropped with the reader."""
+        past its violation limit, after which the connection is closed) costs nothing for the rest
+        -- 16 MiB of zeros are 1.6 million empty messages, never materialized. Consume or close the
+        iterator before the next call: bytes not consumed stay buffered and would be read again."""
         if self._discard:
             skip = min(self._discard, len(data))
             self._discard -= skip

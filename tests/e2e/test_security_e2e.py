@@ -235,6 +235,9 @@ def test_in_place_driver_upgrade_serves_the_next_container(
     ]
     assert from_driver and all(os.path.exists(src) for src in from_driver), from_driver
     assert not any("550.54.14" in src for src in from_driver), from_driver
+    assert any(src.endswith("/lib/firmware/nvidia/560.35.03/gsp_ga10x.bin") for src in from_driver), (
+        from_driver
+    )
     assert "libcuda.so.560.35.03" in log and "550.54.14" not in log, log
     assert rediscovered  # on the hot path (the CreateContainer itself), not after the watch interval
 

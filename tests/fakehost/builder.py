@@ -511,10 +511,11 @@ def upgrade_driver(host: FakeHost, new_version: str) -> FakeHost:
     versioned_sonames = {
         f"{stem}.{old}" for libs in DRIVER_LIBS.values() for stem, soname in libs if soname is None
     }
+    old_fw = host.root / "lib/firmware/nvidia" / old
+    if old_fw.is_dir():  # the firmware directory is named by the version, its files are not
+        shutil.copytree(old_fw, old_fw.with_name(new_version))
     for path in olds:  # unpack the new files beside the old ones
         new = path.with_name(path.name.replace(old, new_version))
-        if "firmware" in path.parts:
-            new = Path(str(path).replace(f"/{old}/", f"/{new_version}/"))
         new.parent.mkdir(parents=True, exist_ok=True)
         if path.name in versioned_sonames:  # its SONAME carries the version: a new object
             obj = build_driver_lib(new.name, cuda_version=host.cuda_version, is_32bit=LIB32_DIR in str(path))
@@ -528,7 +529,6 @@ def upgrade_driver(host: FakeHost, new_version: str) -> FakeHost:
         os.replace(tmp, link)
     for path in olds:
         path.unlink()
-    old_fw = host.root / "lib/firmware/nvidia" / old
     if old_fw.is_dir():
         shutil.rmtree(old_fw)
     for b in BINARIES:

@@ -371,6 +371,34 @@ def test_loader_settings_have_their_own_effect() -> None:
     assert new.discovery_key() != old.discovery_key()
 
 
+def test_what_changes_the_loader_config_is_declared_loader() -> None:
+    """Every setting whose change changes ``plugin.loader_config`` declares Effect.LOADER (so
+    ``changes()`` reports it); checked by changing each setting on its own."""
+    from nri_plugin.plugin import loader_config
+
+    base = cfg.Settings()
+    checked = 0
+    for f in dataclasses.fields(cfg.Settings):
+        if not f.init or f.name not in cfg.SETTINGS:
+            continue
+        value = getattr(base, f.name)
+        if isinstance(value, bool):
+            other: object = not value
+        elif isinstance(value, int | float):
+            other = value + 1
+        elif isinstance(value, str):
+            other = "/other" if value.startswith("/") else "native" if value == "overlayfs" else value + "x"
+        else:
+            continue
+        variant = dataclasses.replace(base)
+        object.__setattr__(variant, f.name, other)  # one field changed (frozen dataclass)
+        changed = loader_config(variant) != loader_config(base)
+        declared = cfg.Effect.LOADER in cfg.SETTINGS[f.name].effects
+        assert not changed or declared, f"{f.name} changes the loader config but is not declared LOADER"
+        checked += 1
+    assert checked > 30
+
+
 def test_the_hook_config_is_built_from_the_settings_of_the_same_name() -> None:
     s = dataclasses.replace(cfg.Settings(), swarm_resource="A,B", accept_volume_mounts=True)
     for f in dataclasses.fields(HookConfig):

@@ -8,6 +8,7 @@ path the attacker chose, and a clear error where a GPU container cannot be serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -361,6 +362,7 @@ def test_upgrade_to_a_new_driver_version_serves_the_very_next_container(tmp_path
     assert str(new_host.path(new_host.libraries["compute"][0])) in sources
     assert all(os.path.exists(src) for src in sources), [s for s in sources if not os.path.exists(s)]
     assert not any("550.54.14" in src for src in sources)
+    assert any(src.endswith("/lib/firmware/nvidia/560.35.03/gsp_ga10x.bin") for src in sources), sources
     snap = plugin.driver.snapshot()
     assert snap is not None and snap.driver_version == "560.35.03"
 
@@ -455,13 +457,14 @@ def test_broken_ld_so_cache_fails_gpu_containers_with_a_clear_error(tmp_path: Pa
                 _decide(snap, caps)
         return
     # not a cache at all: discovery fails, and GPU containers are told why (not "no driver")
-    assert driver.snapshot() is None and driver.last_error is not None
-    assert "ld.so.cache" in driver.last_error
+    assert driver.snapshot() is None and driver.discovery_error is not None
+    assert "ld.so.cache" in driver.discovery_error
     env = ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_DRIVER_CAPABILITIES=graphics"]
     with pytest.raises(DiscoveryFailedError, match=r"driver discovery fails on this node \(.*ld\.so\.cache"):
-        decide(env, [], True, HookConfig(), None, discovery_error=driver.last_error)
+        decide(env, [], True, HookConfig(), None, discovery_error=driver.discovery_error)
     assert (
-        decide(["PATH=/bin"], [], True, HookConfig(), None, discovery_error=driver.last_error).request is None
+        decide(["PATH=/bin"], [], True, HookConfig(), None, discovery_error=driver.discovery_error).request
+        is None
     )
 
 
@@ -516,6 +519,54 @@ def test_nvml_helper_ignores_cwd_and_environment(tmp_path: Path, monkeypatch: py
 
 
 # --- registration does not wait for discovery -------------------------------------------------
+
+
+def test_a_watch_failure_is_not_what_gpu_containers_are_told(tmp_path: Path) -> None:
+    """Only discovery's own failure reaches a GPU container; a failed watch iteration on a node
+    without a driver leaves it told "no NVIDIA driver" (its watch never refreshes)."""
+    host = _host(tmp_path)
+    plugin = _plugin(host, discover=False)
+    shutil.rmtree(host.path("/proc/driver"))
+    for lib in host.path(host.lib_dir).glob("lib*.so*"):
+        lib.unlink()
+    host.run_ldconfig()
+    plugin.driver.refresh()
+    assert plugin.driver.snapshot() is None and plugin.driver.discovery_error is None
+    plugin.driver.last_error = "host driver watch failed: OSError('stat')"  # what watch() records
+    with pytest.raises(ContainerError, match="no NVIDIA driver was found"):
+        asyncio.run(plugin.create_container(POD, _container()))
+    records = [json.loads(line) for line in plugin.log_buf.getvalue().splitlines()]  # type: ignore[attr-defined]
+    refused = [r for r in records if r["msg"] == "GPU container refused"]
+    assert refused and refused[-1]["reason"] == "DriverNotFoundError", refused
+
+
+def test_cancelling_the_watch_does_not_cancel_a_create_waiting_for_the_refresh(tmp_path: Path) -> None:
+    """The watch and a CreateContainer that found a swapped file share one refresh; a Configure
+    that restarts the watch (or close) cancels the watch task, never that create's wait."""
+    host = _host(tmp_path)
+    gate = threading.Event()
+
+    def slow_discover(*args: object, **kwargs: object) -> DriverSnapshot | None:
+        gate.wait(10)
+        return discover(host.roots, use_nvml=False)
+
+    driver = HostDriver(host.roots, discover_fn=slow_discover)
+
+    async def scenario() -> bool:
+        watch = asyncio.get_running_loop().create_task(driver.watch(0.01))
+        await asyncio.sleep(0.05)  # the watch has started the shared refresh and awaits it
+        waiting = asyncio.get_running_loop().create_task(driver.refresh_soon(5.0))
+        await asyncio.sleep(0.05)
+        watch.cancel()
+        await asyncio.sleep(0.05)
+        gate.set()
+        result = await waiting  # neither cancelled nor raising
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+        return result
+
+    assert asyncio.run(scenario()) is True
+    assert driver.snapshot() is not None
 
 
 def test_nvml_timeout_is_a_setting(tmp_path: Path) -> None:

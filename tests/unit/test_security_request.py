@@ -93,6 +93,9 @@ def test_requirements_capped_per_value_and_in_total() -> None:
         f"{MAX_REQUIREMENT_TERMS}",
     ):
         resolve_request(over, [], True)
+    # ... but not when requirements are disabled: nothing is evaluated then (the byte limits stay)
+    disabled = resolve_request([*over, "NVIDIA_DISABLE_REQUIRE=true"], [], True)
+    assert disabled is not None and disabled.disable_require
 
 
 def test_device_list_mounts_are_capped() -> None:
