@@ -205,6 +205,22 @@ def _string(default: str, key: str, help: str, **more: Any) -> Any:
     return _setting(default, key=key, type_name=_STR, check=_is_str, help=help, **more)
 
 
+def _seconds(default: float, key: str, help: str, **more: Any) -> Any:
+    """A duration in seconds, > 0 (a flag takes a float)."""
+    if "flag" in more:
+        more.setdefault("metavar", "SECONDS")
+        more.setdefault("flag_type", float)
+    return _setting(
+        default,
+        key=key,
+        type_name="a number of seconds",
+        check=_is_number,
+        convert=_interval,
+        help=help,
+        **more,
+    )
+
+
 def _root_dir(default: str, key: str, help: str, flag: str | None = None, **more: Any) -> Any:
     """An absolute directory the host is read from: a change means rediscovery."""
     more.setdefault("metavar", "DIR")
@@ -320,17 +336,12 @@ class Settings:
         negative_flag=True,
         effect=Effect.DISCOVERY,
     )
-    nvml_timeout: float = _setting(
+    nvml_timeout: float = _seconds(
         20.0,
         key="nri-plugin.nvml-timeout",
-        type_name="a number of seconds",
-        check=_is_number,
-        convert=_interval,
         help="how long one NVML query during discovery may take before it counts as hung (default "
         "20; nvmlInit can take seconds without persistence mode); the plugin registers without waiting",
         flag="--nvml-timeout",
-        metavar="SECONDS",
-        flag_type=float,
         effect=Effect.DISCOVERY,
     )
     mps_pipe_dir: str = _root_dir(
@@ -422,16 +433,11 @@ class Settings:
         help="with accept-nvidia-visible-devices-envvar-when-unprivileged = false, fail an unprivileged "
         "container that asks for GPUs by env var (the legacy hook) instead of giving it no GPUs",
     )
-    refresh_interval: float = _setting(
+    refresh_interval: float = _seconds(
         10.0,
         key="nri-plugin.refresh-interval",
-        type_name="a number of seconds",
-        check=_is_number,
-        convert=_interval,
         help="how often to check whether the driver changed (default 10)",
         flag="--refresh-interval",
-        metavar="SECONDS",
-        flag_type=float,
         run_only=True,
         effect=Effect.WATCH,
     )
@@ -481,12 +487,9 @@ class Settings:
         run_only=True,
         effect=Effect.LOADER,
     )
-    image_read_timeout: float = _setting(
+    image_read_timeout: float = _seconds(
         0.5,
         key="nri-plugin.image-read-timeout",
-        type_name="a number of seconds",
-        check=_is_number,
-        convert=_interval,
         help="time budget for reading a new image's loader files (default 0.5; containerd waits 2 s)",
         run_only=True,
         effect=Effect.LOADER,
