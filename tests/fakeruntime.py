@@ -9,7 +9,7 @@ by overriding :meth:`FakeRuntime.on_event` (``tests/unit/test_fuzz_wire.py``'s `
 
 :func:`listen` and :meth:`FakeRuntime.accept` are the runtime's socket for an *external* plugin:
 listen where containerd does (removing a stale socket first, as containerd does at start-up) and
-take the one connection the stub makes.
+take the one connection the stub makes. :func:`run` runs a scenario with a time bound.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import os
 import socket
-from typing import Any, Self
+from collections.abc import Awaitable
+from typing import Any, Self, TypeVar
 
 from nri_plugin.wire import mux, ttrpc
 from nri_plugin.wire._gen import api_pb2 as api
@@ -26,6 +27,17 @@ from nri_plugin.wire.session import Event, Role, Session
 from nri_plugin.wire.stub import PLUGIN_SERVICE, RUNTIME_SERVICE
 
 TIMEOUT = 5.0
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T], timeout: float = 30.0) -> T:
+    """``asyncio.run`` of ``coro``, bounded: a hung scenario fails its test instead of the suite."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):
+            return await coro
+
+    return asyncio.run(bounded())
 
 
 class FakeRuntime:

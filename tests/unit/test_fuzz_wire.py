@@ -24,9 +24,8 @@ import os
 import socket
 import tempfile
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -38,9 +37,8 @@ from nri_plugin.wire._gen import api_pb2 as api
 from nri_plugin.wire._gen import ttrpc_pb2
 from nri_plugin.wire.session import Event, FrameDropped, Role, Session
 from nri_plugin.wire.stub import PLUGIN_SERVICE, RUNTIME_SERVICE, Plugin, Stub
-from tests.fakeruntime import FakeRuntime, listen
+from tests.fakeruntime import FakeRuntime, listen, run
 
-T = TypeVar("T")
 TIMEOUT = 5.0
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -225,14 +223,6 @@ def test_event_sequence_does_not_depend_on_chunking(data: bytes, split: list[int
 
 
 # --- stub level -----------------------------------------------------------------------------------
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(30):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 class Adjuster(Plugin):

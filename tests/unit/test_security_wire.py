@@ -8,9 +8,8 @@ import os
 import resource
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -21,17 +20,9 @@ from nri_plugin.wire._gen import api_pb2 as api
 from nri_plugin.wire._gen import ttrpc_pb2
 from nri_plugin.wire.connection import Connection
 from nri_plugin.wire.stub import BACKOFF_MAX, Plugin, Stub
+from tests.fakeruntime import run
 
-T = TypeVar("T")
 SERVICE = "nri.pkg.api.v1alpha1.Plugin"
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(30):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def test_server_gives_up_after_a_few_violations() -> None:

@@ -8,7 +8,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -17,18 +17,9 @@ from nri_plugin.wire import mux, ttrpc
 from nri_plugin.wire._gen import api_pb2 as api
 from nri_plugin.wire.connection import Connection, ConnectionClosed
 from nri_plugin.wire.stub import PLUGIN_SERVICE, RUNTIME_SERVICE, Plugin, Stub, event_mask
-from tests.fakeruntime import FakeRuntime, listen
+from tests.fakeruntime import FakeRuntime, listen, run
 
-T = TypeVar("T")
 TIMEOUT = 5.0
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(30):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def pod(n: int) -> api.PodSandbox:

@@ -5,23 +5,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable
-from typing import TypeVar
 
 import pytest
 
 from nri_plugin.wire import TaskScope
+from tests.fakeruntime import run
 
-T = TypeVar("T")
 LOG = logging.getLogger("test.tasks")
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(10):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def test_close_cancels_and_awaits_what_is_left_and_forgets_what_finished() -> None:
