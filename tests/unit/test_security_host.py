@@ -432,6 +432,28 @@ def test_no_libraries_fails_instead_of_starting_without_driver(tmp_path: Path) -
             _decide(snap, caps)
 
 
+def test_libraries_missing_mid_upgrade_rediscover_for_graphics_only_requests_too(tmp_path: Path) -> None:
+    """Every driver library a dangling link at discovery (caught mid-upgrade): once the files are
+    back, a graphics-only request rediscovers (DriverChangedError) instead of failing, as compute
+    and utility requests already did."""
+    host = _host(tmp_path)
+    saved = {}
+    for group in host.libraries.values():
+        for rel in group:
+            path = host.path(rel)
+            saved[path] = path.read_bytes()
+            path.unlink()
+    snap = _snap(host)
+    assert not any(snap.libraries.values()) and snap.rejected
+    with pytest.raises(ContainerError, match="no driver library at all"):
+        _decide(snap, "graphics")
+    for path, data in saved.items():
+        path.write_bytes(data)
+    for caps in ("graphics", "compute,utility"):
+        with pytest.raises(DriverChangedError, match="unusable at discovery and has changed since"):
+            _decide(snap, caps)
+
+
 @pytest.mark.parametrize("damage", ["unreadable", "truncated", "garbage", "empty"])
 def test_broken_ld_so_cache_fails_gpu_containers_with_a_clear_error(tmp_path: Path, damage: str) -> None:
     """Not redirected this time: the driver root's cache exists but cannot be read or parsed."""
