@@ -70,7 +70,7 @@ from tests.e2e.deps import E2EDeps  # noqa: E402
 from tests.e2e.images import BuiltImages, build_images  # noqa: E402
 from tests.e2e.nri_test_plugin import PluginThread  # noqa: E402
 from tests.e2e.test_robustness_e2e import PluginDaemon  # noqa: E402
-from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus  # noqa: E402
+from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus, root_flags  # noqa: E402
 
 CASES = {
     "a": "(a) NRI on, no plugin",
@@ -138,14 +138,9 @@ def machine_line() -> str:
 
 
 def host_layer(host: FakeHost) -> cfg.Layer:
-    r = str(host.root)
     return cfg.layer_from_flags(
         {
-            "nvidia-container-cli.root": r,
-            "nri-plugin.dev-root": r,
-            "nri-plugin.proc-root": f"{r}/proc",
-            "nri-plugin.sys-root": f"{r}/sys",
-            "nri-plugin.run-root": r,
+            **root_flags(host.root),
             # the in-process GPU cases time the pipeline; the generated ld.so.cache is timed
             # separately, on and off interleaved (ld-on / ld-off)
             "nri-plugin.container-ldcache": "off",

@@ -11,6 +11,7 @@ from tests.fakehost.builder import (
     build_fake_host,
     make_gpus,
     mig_cap_minor,
+    root_flags,
     upgrade_driver,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "build_fake_host",
     "make_gpus",
     "mig_cap_minor",
+    "root_flags",
     "upgrade_driver",
 ]

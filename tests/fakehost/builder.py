@@ -327,6 +327,19 @@ class FakeHost:
         _write_nvml_config(self.nvml_config, self.driver_version, self.cuda_version, self.gpus, extra_lines)
 
 
+def root_flags(root: str | Path) -> dict[str, object | None]:
+    """The plugin settings (``cfg.layer_from_flags`` keys) that point every root it reads at the
+    fake host ``root``: the driver, dev, proc, sys and run roots."""
+    r = str(root)
+    return {
+        "nvidia-container-cli.root": r,
+        "nri-plugin.dev-root": r,
+        "nri-plugin.proc-root": f"{r}/proc",
+        "nri-plugin.sys-root": f"{r}/sys",
+        "nri-plugin.run-root": r,
+    }
+
+
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

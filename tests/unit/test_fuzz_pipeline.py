@@ -36,7 +36,7 @@ from nri_plugin.plugin import GpuPlugin, InternalError
 from nri_plugin.request.model import DEVICE_LIST_AS_VOLUME_MOUNTS_ROOT, HookConfig
 from nri_plugin.request.nri import container_annotations, device_paths, request_inputs
 from nri_plugin.wire._gen import api_pb2 as api
-from tests.fakehost import FakeHost, FakeMig, build_fake_host, make_gpus
+from tests.fakehost import FakeHost, FakeMig, build_fake_host, make_gpus, root_flags
 
 EXAMPLES = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MIG_UUIDS = ("MIG-0a0a0a0a-1111-2222-3333-444444444444", "MIG-0b0b0b0b-1111-2222-3333-444444444444")
@@ -319,13 +319,8 @@ def test_decide_on_containers_decoded_from_mutated_bytes(
 
 
 def host_layer(host: FakeHost, **extra: object) -> cfg.Layer:
-    root = str(host.root)
     values: dict[str, object | None] = {
-        "nvidia-container-cli.root": root,
-        "nri-plugin.dev-root": root,
-        "nri-plugin.proc-root": f"{root}/proc",
-        "nri-plugin.sys-root": f"{root}/sys",
-        "nri-plugin.run-root": root,
+        **root_flags(host.root),
         "nri-plugin.container-ldcache": "off",  # the exact pipeline adjustment is compared
     }
     values.update(extra)

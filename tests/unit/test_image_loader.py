@@ -34,7 +34,8 @@ from nri_plugin.image import (
 from nri_plugin.image import containerd as ctrd
 from nri_plugin.plugin import GpuPlugin
 from nri_plugin.wire import api
-from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus
+from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus, root_flags
+from tests.fakemetrics import RecordingMetrics
 
 X86_64 = 0x0303
 DEB = "/usr/lib/x86_64-linux-gnu"
@@ -187,47 +188,24 @@ def image_layer(tmp_path: Path) -> Path:
     return layer
 
 
-class Metrics:
-    address = ""
-    listening = ""
-
-    def __init__(self) -> None:
-        self.ldcache_events: list[tuple[str, str]] = []
-
-    def adjusted(self, seconds: float) -> None:
-        pass
+class Metrics(RecordingMetrics):
+    """No container may fail in these tests; the loader's ``(path, stage)`` events are checked."""
 
     def failed(self, reason: str, seconds: float) -> None:
         raise AssertionError(f"a container failed: {reason}")
 
-    def skipped(self, seconds: float) -> None:
-        pass
-
-    def unadjusted(self, count: int) -> None:
-        pass
-
-    def ldcache(self, path: str, stage: str) -> None:
-        self.ldcache_events.append((path, stage))
-
-    def evicted(self, method: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    @property
+    def ldcache_events(self) -> list[tuple[str, str]]:
+        return [(path, stage) for path, _, stage in (d.partition(":") for d in self.details("ldcache"))]
 
 
 class Harness:
     def __init__(
         self, host: FakeHost, state: Path, mounts_fn: ctrd.MountsFnType, timeout: float = 0.5
     ) -> None:
-        root = str(host.root)
         flags = cfg.layer_from_flags(
             {
-                "nvidia-container-cli.root": root,
-                "nri-plugin.dev-root": root,
-                "nri-plugin.proc-root": f"{root}/proc",
-                "nri-plugin.sys-root": f"{root}/sys",
-                "nri-plugin.run-root": root,
+                **root_flags(host.root),
                 "nri-plugin.use-nvml": False,
                 "nri-plugin.runtime-dir": str(state),
                 "nri-plugin.image-read-timeout": timeout,

@@ -23,37 +23,8 @@ from nri_plugin.plugin import GpuPlugin, InternalError
 from nri_plugin.request.nri import request_inputs
 from nri_plugin.wire._gen import api_pb2 as api
 from nri_plugin.wire.stub import event_bit, event_mask
-from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus
-
-
-class RecordingMetrics:
-    address = ""
-    listening = ""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str]] = []
-
-    def adjusted(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.events.append(("adjusted", ""))
-
-    def failed(self, reason: str, seconds: float) -> None:
-        self.events.append(("failed", reason))
-
-    def skipped(self, seconds: float) -> None:
-        self.events.append(("skipped", ""))
-
-    def unadjusted(self, count: int) -> None:
-        self.events.append(("unadjusted", str(count)))
-
-    def ldcache(self, path: str, stage: str) -> None:
-        self.events.append(("ldcache", f"{path}:{stage}"))
-
-    def evicted(self, method: str) -> None:
-        self.events.append(("evicted", method))
-
-    def close(self) -> None:
-        pass
+from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus, root_flags
+from tests.fakemetrics import RecordingMetrics
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +34,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> FakeHost:
 
 def host_flags(root: str, **extra: object) -> cfg.Layer:
     values: dict[str, object | None] = {
-        "nvidia-container-cli.root": root,
-        "nri-plugin.dev-root": root,
-        "nri-plugin.proc-root": f"{root}/proc",
-        "nri-plugin.sys-root": f"{root}/sys",
-        "nri-plugin.run-root": root,
+        **root_flags(root),
         "nri-plugin.use-nvml": False,
         # the generated ld.so.cache has its own tests (test_image_loader.py); here the exact
         # adjustment of the pipeline is checked

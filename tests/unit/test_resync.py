@@ -17,30 +17,15 @@ import pytest
 
 from nri_plugin import config as cfg
 from nri_plugin import logs, resync
-from nri_plugin.metrics import NullMetrics
 from nri_plugin.plugin import GpuPlugin
 from nri_plugin.wire import api
-from tests.fakehost import FakeHost, build_fake_host, make_gpus
-
-
-class RecordingMetrics(NullMetrics):
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str]] = []
-
-    def unadjusted(self, count: int) -> None:
-        self.events.append(("unadjusted", str(count)))
-
-    def evicted(self, method: str) -> None:
-        self.events.append(("evicted", method))
+from tests.fakehost import FakeHost, build_fake_host, make_gpus, root_flags
+from tests.fakemetrics import RecordingMetrics
 
 
 def host_flags(root: str, **extra: object) -> cfg.Layer:
     values: dict[str, object | None] = {
-        "nvidia-container-cli.root": root,
-        "nri-plugin.dev-root": root,
-        "nri-plugin.proc-root": f"{root}/proc",
-        "nri-plugin.sys-root": f"{root}/sys",
-        "nri-plugin.run-root": root,
+        **root_flags(root),
         "nri-plugin.use-nvml": False,
         **extra,
     }

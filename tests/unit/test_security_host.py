@@ -38,11 +38,11 @@ from nri_plugin.host.driver import HostDriver
 from nri_plugin.host.model import DriverSnapshot, IpcPath
 from nri_plugin.host.nvml import query_nvml
 from nri_plugin.host.pin import pin
-from nri_plugin.metrics import NullMetrics
 from nri_plugin.plugin import GpuPlugin
 from nri_plugin.request.model import GpuRequest, HookConfig
 from nri_plugin.wire._gen import api_pb2 as api
-from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus, upgrade_driver
+from tests.fakehost.builder import FakeHost, build_fake_host, make_gpus, root_flags, upgrade_driver
+from tests.fakemetrics import RecordingMetrics
 
 ALL_CAPS = "compute,compat32,graphics,utility,video,display,ngx"
 USER = 1000
@@ -388,14 +388,9 @@ def _container(caps: str = "utility,compute") -> api.Container:
 
 
 def _plugin(host: FakeHost, *, discover: bool = True, extra: dict[str, object] | None = None) -> GpuPlugin:
-    root = str(host.root)
     flags = cfg.layer_from_flags(
         {
-            "nvidia-container-cli.root": root,
-            "nri-plugin.dev-root": root,
-            "nri-plugin.proc-root": f"{root}/proc",
-            "nri-plugin.sys-root": f"{root}/sys",
-            "nri-plugin.run-root": root,
+            **root_flags(host.root),
             "nri-plugin.use-nvml": False,
             **(extra or {}),
         }
@@ -622,16 +617,6 @@ def _plugin_with_slow_discovery(host: FakeHost) -> tuple[GpuPlugin, threading.Ev
     return plugin, release
 
 
-class _CountingMetrics(NullMetrics):
-    """Records every value of the unadjusted-containers gauge."""
-
-    def __init__(self) -> None:
-        self.seen: list[int] = []
-
-    def unadjusted(self, count: int) -> None:
-        self.seen.append(count)
-
-
 def test_gpu_container_fails_while_discovery_is_pending(tmp_path: Path) -> None:
     host = _host(tmp_path)
     plugin, release = _plugin_with_slow_discovery(host)
@@ -662,9 +647,8 @@ def test_gpu_container_fails_while_discovery_is_pending(tmp_path: Path) -> None:
 def test_synchronize_reports_gpu_containers_without_gpus(tmp_path: Path) -> None:
     host = _host(tmp_path)
     plugin = _plugin(host)
-    metrics = _CountingMetrics()
+    metrics = RecordingMetrics()
     plugin.metrics = metrics
-    seen = metrics.seen
     pod = api.PodSandbox(id="p1", name="trainer", namespace="ml")
     served = api.Container(id="c-ok", pod_sandbox_id="p1", name="ok", env=["NVIDIA_VISIBLE_DEVICES=0"])
     served.linux.devices.add(path="/dev/nvidiactl", type="c", major=195, minor=255)
@@ -678,7 +662,7 @@ def test_synchronize_reports_gpu_containers_without_gpus(tmp_path: Path) -> None
     bad = api.Container(id="c-bad", pod_sandbox_id="p1", env=["NVIDIA_VISIBLE_DEVICES=99"])
     updates = asyncio.run(plugin.synchronize([pod], [served, missed, cpu, stopped, bad]))
     assert updates == []
-    assert seen == [1]
+    assert metrics.details("unadjusted") == ["1"]
     records = [json.loads(line) for line in plugin.log_buf.getvalue().splitlines()]  # type: ignore[attr-defined]
     reported = [r for r in records if r["msg"].startswith("GPU container is running without its GPUs")]
     assert [(r["container_id"], r["pod"], r["pod_namespace"]) for r in reported] == [
@@ -778,21 +762,20 @@ def test_synchronize_right_after_start_reports_once_discovery_is_done(tmp_path: 
     """Registration does not wait for discovery, so the first Synchronize may come before it."""
     host = _host(tmp_path)
     plugin, release = _plugin_with_slow_discovery(host)
-    metrics = _CountingMetrics()
+    metrics = RecordingMetrics()
     plugin.metrics = metrics
-    seen = metrics.seen
     missed = api.Container(id="c-missed", pod_sandbox_id="p1", env=["NVIDIA_VISIBLE_DEVICES=0"])
 
     async def scenario() -> None:
         await plugin.discover(budget=0.05)
         assert await plugin.synchronize([api.PodSandbox(id="p1")], [missed]) == []
-        assert seen == []  # deferred, not "0 found"
+        assert metrics.details("unadjusted") == []  # deferred, not "0 found"
         release.set()
         for _ in range(300):
-            if seen:
+            if metrics.details("unadjusted"):
                 break
             await asyncio.sleep(0.01)
         await plugin.close()
 
     asyncio.run(scenario())
-    assert seen == [1]
+    assert metrics.details("unadjusted") == ["1"]
