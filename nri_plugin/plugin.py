@@ -350,18 +350,22 @@ class GpuPlugin(Plugin):
             hook = self.settings.hook
             annotations = container_annotations(container) if hook.accept_cdi_annotations else None
             driver = self.driver
-            try:
-                decision = decide(
+
+            def decide_now() -> Decision:  # on the driver's current state
+                return decide(
                     env,
                     mounts,
                     privileged,
-                    self.settings.hook,
+                    hook,
                     driver.snapshot(),
                     discovery_pending=driver.pending,
                     discovery_error=driver.discovery_error,
                     annotations=annotations,
-                    device_paths=device_paths(container),
+                    device_paths=device_paths(container),  # lazy: read only for GPU requests
                 )
+
+            try:
+                decision = decide_now()
             except DriverChangedError as changed:
                 # A mount source is not what discovery pinned: an in-place driver upgrade or a
                 # swapped file. Rediscover at once (bounded: containerd waits 2 s for us) and decide
@@ -370,15 +374,7 @@ class GpuPlugin(Plugin):
                 if not await driver.refresh_soon(REDISCOVER_BUDGET_S):
                     raise
                 self._log_snapshot("host driver rediscovered", (time.perf_counter() - t0) * 1000)
-                decision = decide(
-                    env,
-                    mounts,
-                    privileged,
-                    self.settings.hook,
-                    driver.snapshot(),
-                    annotations=annotations,
-                    device_paths=device_paths(container),
-                )
+                decision = decide_now()
             for warning in decision.warnings:
                 self.log.warning("GPU request warning", **_who(pod, container), detail=warning)
             if decision.left_alone:
