@@ -323,7 +323,8 @@ def test_a_failure_falls_back_to_todays_adjustment(
     }
 
 
-def test_the_same_image_is_read_once(host: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _count_image_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one each time the loader reads an image's facts."""
     from nri_plugin.image import service
 
     calls: list[int] = []
@@ -334,6 +335,11 @@ def test_the_same_image_is_read_once(host: FakeHost, tmp_path: Path, monkeypatch
         return real(root)  # type: ignore[arg-type]
 
     monkeypatch.setattr(service, "read_facts", counting)
+    return calls
+
+
+def test_the_same_image_is_read_once(host: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_image_reads(monkeypatch)
     h = Harness(host, tmp_path / "state", overlay(image_layer(tmp_path)))
     for i in range(5):
         h.create(f"c{i}")
@@ -489,18 +495,9 @@ def test_loader_config_defaults() -> None:
 def test_a_refused_image_is_refused_from_memory(
     host: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nri_plugin.image import service
-
     layer = image_layer(tmp_path)
     (layer / "etc/ld.so.cache").write_bytes(b"glibc-ld.so.cache1.1 but truncated")
-    calls: list[int] = []
-    real = service.read_facts  # type: ignore[attr-defined]
-
-    def counting(root: object) -> object:
-        calls.append(1)
-        return real(root)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(service, "read_facts", counting)
+    calls = _count_image_reads(monkeypatch)
     h = Harness(host, tmp_path / "state", overlay(layer))
     for i in range(3):
         h.create(f"c{i}")
